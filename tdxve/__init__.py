@@ -1,0 +1,81 @@
+"""tdxve — Intel TDX guest port I/O through #VE, modelled bit-exactly.
+
+Decoder (compiled core or pure twin, see :data:`BACKEND`):
+:func:`decode_exit_qual`, :func:`encode_exit_qual`, :func:`decode_exit_quals`,
+:func:`decode_insn`, :func:`decode_insns`, :func:`exit_info`, :func:`exit_infos`.
+"""
+
+from __future__ import annotations
+
+from ._backend import BACKEND, core as _core_impl
+from ._version import __version__
+from .abi import (
+    EXIT_INFO_DTYPE,
+    EXIT_QUAL_DTYPE,
+    INSN_DTYPE,
+    ExitQual,
+    ExitReason,
+    IoInsn,
+    IoKind,
+    Segment,
+    TdcallLeaf,
+    TdvmcallStatus,
+    TdvmcallSubfn,
+    TdxStatus,
+)
+from .errors import (
+    BusConfigError,
+    DecodeError,
+    DeviceError,
+    DoubleFault,
+    EarlyPanic,
+    ExitQualError,
+    GuestFault,
+    GuestMemoryFault,
+    HostError,
+    InstructionTooLongError,
+    InvalidArgumentError,
+    LockPrefixError,
+    NotPortIoError,
+    RegisterValueError,
+    TdxveError,
+    TruncatedInputError,
+    UnsupportedExitError,
+    UnsupportedModeError,
+    VeFault,
+    VeLoopError,
+)
+from .regs import Regs
+
+# ---- decoder (bound from the selected backend)
+decode_exit_qual = _core_impl.decode_exit_qual
+encode_exit_qual = _core_impl.encode_exit_qual
+decode_exit_quals = _core_impl.decode_exit_quals
+decode_insn = _core_impl.decode_insn
+decode_insns = _core_impl.decode_insns
+exit_info = _core_impl.exit_info
+exit_infos = _core_impl.exit_infos
+
+# ---- #VE model (issue 3) -- bound below when present
+# ---- host (issue 4) -- bound below when present
+
+__all__ = [
+    # backend and version
+    "BACKEND", "__version__",
+    # decoder
+    "decode_exit_qual", "encode_exit_qual", "decode_exit_quals",
+    "decode_insn", "decode_insns", "exit_info", "exit_infos",
+    # value types, enums, dtypes
+    "ExitQual", "IoInsn", "IoKind", "Segment", "ExitReason", "TdcallLeaf",
+    "TdvmcallSubfn", "TdvmcallStatus", "TdxStatus",
+    "EXIT_QUAL_DTYPE", "INSN_DTYPE", "EXIT_INFO_DTYPE",
+    # CPU state
+    "Regs",
+    # errors
+    "TdxveError", "InvalidArgumentError", "RegisterValueError", "UnsupportedModeError",
+    "DecodeError", "NotPortIoError", "TruncatedInputError", "LockPrefixError",
+    "InstructionTooLongError", "ExitQualError",
+    "GuestFault", "EarlyPanic", "VeFault", "DoubleFault", "VeLoopError",
+    "GuestMemoryFault", "UnsupportedExitError",
+    "HostError", "DeviceError", "BusConfigError",
+]

@@ -1,0 +1,148 @@
+"""The exception tree, shared by both decoder backends and every layer.
+
+Everything tdxve raises on purpose is a :class:`TdxveError`. Errors caused by a
+bad argument also subclass :class:`ValueError`. Guest faults (what a simulator
+catches to stop the guest) subclass :class:`GuestFault` and carry the guest
+register state at the fault.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "TdxveError",
+    "InvalidArgumentError", "RegisterValueError", "UnsupportedModeError",
+    "DecodeError", "NotPortIoError", "TruncatedInputError", "LockPrefixError",
+    "InstructionTooLongError",
+    "ExitQualError",
+    "GuestFault", "EarlyPanic", "VeFault", "DoubleFault", "VeLoopError",
+    "GuestMemoryFault", "UnsupportedExitError",
+    "HostError", "DeviceError", "BusConfigError",
+]
+
+
+class TdxveError(Exception):
+    """Root of every exception tdxve raises on purpose."""
+
+
+class InvalidArgumentError(TdxveError, ValueError):
+    """An argument is out of range or of the wrong kind."""
+
+
+class RegisterValueError(InvalidArgumentError):
+    """A register (or register-sized) value is negative, wider than 64 bits or not an int."""
+
+
+class UnsupportedModeError(InvalidArgumentError):
+    """The processor mode is not 16, 32 or 64."""
+
+
+# ---------------------------------------------------------------- decoding
+class DecodeError(TdxveError, ValueError):
+    """The bytes do not start a port-I/O instruction the CPU would execute.
+
+    ``offset`` is where the offending instruction starts in the caller's
+    buffer (0 for :func:`tdxve.decode_insn`); ``data`` holds up to 16 bytes
+    from there.
+    """
+
+    def __init__(self, message: str, *, offset: int = 0, data: bytes = b"") -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_decode_error, (type(self), self.args[0], self.offset, self.data))
+
+
+def _rebuild_decode_error(cls: type[DecodeError], msg: str, offset: int, data: bytes) -> DecodeError:
+    return cls(msg, offset=offset, data=data)
+
+
+class NotPortIoError(DecodeError):
+    """The opcode is not one of IN/OUT/INS/OUTS (6C-6F, E4-E7, EC-EF)."""
+
+
+class TruncatedInputError(DecodeError):
+    """The input ends before the instruction does."""
+
+
+class LockPrefixError(DecodeError):
+    """LOCK (F0) on a port-I/O instruction: #UD, raised before any VM exit (ref 3.4)."""
+
+
+class InstructionTooLongError(DecodeError):
+    """More than 15 bytes: #GP(0), raised before any VM exit (ref 3.4)."""
+
+
+class ExitQualError(TdxveError, ValueError):
+    """An exit qualification (or the fields to encode one) that no I/O instruction produces.
+
+    ``value`` is the offending 64-bit qualification (or field value).
+    """
+
+    def __init__(self, message: str, *, value: int = 0) -> None:
+        super().__init__(message)
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_qual_error, (type(self), self.args[0], self.value))
+
+
+def _rebuild_qual_error(cls: type[ExitQualError], msg: str, value: int) -> ExitQualError:
+    return cls(msg, value=value)
+
+
+# ---------------------------------------------------------------- guest faults
+class GuestFault(TdxveError):
+    """The guest could not complete the instruction; what a simulator catches.
+
+    ``regs`` is a copy of the guest register file at the fault (RIP at the
+    faulting instruction), ``vector`` the exception vector that was being
+    handled, and ``reason`` a short machine-readable tag.
+    """
+
+    def __init__(self, message: str, *, regs: Any = None, vector: int | None = None,
+                 reason: str = "") -> None:
+        super().__init__(message)
+        self.regs = regs
+        self.vector = vector
+        self.reason = reason
+
+
+class EarlyPanic(GuestFault):
+    """The early exception path had no handler and no fixup: "PANIC: early exception …"."""
+
+
+class VeFault(GuestFault):
+    """The normal #VE handler failed: Linux's ``ve_raise_fault`` (oops in the kernel, SIGSEGV in user mode)."""
+
+
+class DoubleFault(GuestFault):
+    """A #VE arrived while the VE info was still valid: the TDX module injects #DF (ref 2.2)."""
+
+
+class VeLoopError(GuestFault):
+    """The guest re-executes the same faulting instruction forever (e.g. the linux-5.19-rc early handler)."""
+
+
+class GuestMemoryFault(GuestFault):
+    """Emulated string I/O touched an address outside guest memory."""
+
+
+class UnsupportedExitError(GuestFault):
+    """An exit reason the model does not emulate yet (e.g. EPT violation / MMIO)."""
+
+
+# ---------------------------------------------------------------- host side
+class HostError(TdxveError):
+    """Errors raised by the host model itself (not statuses returned to the guest)."""
+
+
+class DeviceError(HostError):
+    """A device model raised while serving an access; the original exception is ``__cause__``."""
+
+
+class BusConfigError(HostError, ValueError):
+    """Bad port-bus configuration: overlapping ranges, bad sizes, bad port numbers."""
