@@ -2,9 +2,11 @@
 
 Environment knobs (read here and nowhere else):
 
-* ``TDXVE_DEBUG=1``    – bounds/wraparound/initialized checks forced on in every
-  function, the ``TDXVE_DEBUG`` C macro set to 1 (enables invariant blocks in
-  the hot loops), no ``-O3``.
+* ``TDXVE_DEBUG=1``    – the compile-time constant ``TDXVE_DEBUG`` becomes True:
+  the hot functions' ``boundscheck``/``wraparound`` decorators (written as
+  ``@cython.boundscheck(TDXVE_DEBUG)``) turn the checks back on, the
+  ``if TDXVE_DEBUG:`` invariant blocks in the hot loops are compiled in, and
+  the C code is built with ``-O0 -g``.
 * ``TDXVE_ANNOTATE=1`` – also write Cython's HTML annotation next to the .pyx.
 
 A failed compile fails the install: there is no silent pure-Python fallback.
@@ -34,10 +36,7 @@ directives = {
 if DEBUG:
     directives["overflowcheck"] = True
 
-macros = [
-    ("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION"),
-    ("TDXVE_DEBUG", "1" if DEBUG else "0"),
-]
+macros = [("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")]
 cflags = ["-O0", "-g"] if DEBUG else ["-O3"]
 
 ext = Extension(
@@ -53,8 +52,9 @@ setup(
         [ext],
         compiler_directives=directives,
         annotate=ANNOTATE,
-        # Cython's own "override directives" switch the decorators off globally
-        # in the debug build so every bounds check runs.
-        **({"compile_time_env": {"TDXVE_DEBUG": 1}} if DEBUG else {"compile_time_env": {"TDXVE_DEBUG": 0}}),
+        compile_time_env={"TDXVE_DEBUG": DEBUG},
+        # Regenerate the C every build: the debug switch changes it without
+        # touching the .pyx.
+        force=True,
     ),
 )

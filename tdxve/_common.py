@@ -87,7 +87,7 @@ def decode_error(st: int, data: Any, start: int, end: int, pos: int, mode: int,
     shown = head.hex(" ") if head else "(empty)"
     off = start - base
     if st == ST_NOT_IO:
-        b = data[pos]
+        b = int(data[pos])
         rel = pos - start
         hint = _OPCODE_HINTS.get(b)
         if mode != 64 and 0x40 <= b <= 0x4F:
@@ -243,3 +243,58 @@ def dx_array(dx: Any, n: int) -> np.ndarray:
 
 def bad_insn_record(i: int, r: Any) -> None:
     raise InvalidArgumentError(f"insns[{i}] is not a valid port-I/O record: {r!r}")
+
+
+# ---------------------------------------------------------------- exit qualifications
+from .abi import (  # noqa: E402
+    QUAL_IMM,
+    QUAL_IN,
+    QUAL_PORT_SHIFT,
+    QUAL_REP,
+    QUAL_RESERVED_MASK,
+    QUAL_STRING,
+)
+
+SIZE_ENCODING = {1: 0, 2: 1, 4: 3}   # ref 3.1: bits 2:0 = size - 1, only 0, 1, 3 used
+
+
+def qual_problem(q: int) -> str | None:
+    """Why the strict decode rejects ``q`` (None if it accepts it).
+
+    Strict = "some I/O instruction could have produced it" (ref 3.1, 3.3):
+    size encoding 0/1/3, reserved bits 15:7 and 63:32 clear, no immediate
+    port on a string instruction (INS/OUTS take the port from DX), and an
+    immediate port fits in imm8. REP without the string bit is accepted:
+    the SDM does not reserve it and hardware behaviour is unverified (ref 8).
+    """
+    if q & QUAL_RESERVED_MASK:
+        return f"reserved bits set (bits 15:7 and 63:32 must be 0): {q & QUAL_RESERVED_MASK:#x}"
+    enc = q & 7
+    if enc not in (0, 1, 3):
+        return f"size encoding {enc} in bits 2:0 (only 0, 1, 3 = 1, 2, 4 bytes exist)"
+    if q & QUAL_IMM and q & QUAL_STRING:
+        return "immediate-port bit 6 set on a string instruction (INS/OUTS take the port from DX)"
+    if q & QUAL_IMM and (q >> QUAL_PORT_SHIFT) & 0xFFFF > 0xFF:
+        return f"immediate port {(q >> QUAL_PORT_SHIFT) & 0xFFFF:#x} does not fit an imm8"
+    return None
+
+
+def encode_exit_qual(size: Any, is_in: Any, port: Any, is_string: Any, is_rep: Any,
+                     is_imm: Any) -> int:
+    """Shared body of both backends' ``encode_exit_qual``."""
+    is_in = check_flag("is_in", is_in)
+    is_string = check_flag("is_string", is_string)
+    is_rep = check_flag("is_rep", is_rep)
+    is_imm = check_flag("is_imm", is_imm)
+    if type(size) is bool or size not in SIZE_ENCODING:
+        raise ExitQualError(f"size must be 1, 2 or 4 bytes, got {size!r}",
+                            value=size if isinstance(size, int) else 0)
+    if type(port) is bool or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        raise ExitQualError(f"port must be an int in 0-0xFFFF, got {port!r}",
+                            value=port if isinstance(port, int) else 0)
+    q = (SIZE_ENCODING[size] | (QUAL_IN if is_in else 0) | (QUAL_STRING if is_string else 0)
+         | (QUAL_REP if is_rep else 0) | (QUAL_IMM if is_imm else 0) | (port << QUAL_PORT_SHIFT))
+    problem = qual_problem(q)
+    if problem is not None:
+        raise ExitQualError(f"cannot encode {problem}", value=q)
+    return q

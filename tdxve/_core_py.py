@@ -45,27 +45,7 @@ BACKEND = "python"
 
 # ---------------------------------------------------------------- exit qualifications
 
-_SIZE_ENCODING = {1: 0, 2: 1, 4: 3}   # ref 3.1: bits 2:0 = size - 1, only 0, 1, 3 used
-
-
-def _qual_problem(q: int) -> str | None:
-    """Why the strict decode rejects ``q`` (None if it accepts it).
-
-    Strict = "some I/O instruction could have produced it" (ref 3.1, 3.3):
-    size encoding 0/1/3, reserved bits 15:7 and 63:32 clear, no immediate
-    port on a string instruction (INS/OUTS take the port from DX), and an
-    immediate port fits in imm8.
-    """
-    if q & QUAL_RESERVED_MASK:
-        return f"reserved bits set (bits 15:7 and 63:32 must be 0): {q & QUAL_RESERVED_MASK:#x}"
-    enc = q & 7
-    if enc not in (0, 1, 3):
-        return f"size encoding {enc} in bits 2:0 (only 0, 1, 3 = 1, 2, 4 bytes exist)"
-    if q & QUAL_IMM and q & QUAL_STRING:
-        return "immediate-port bit 6 set on a string instruction (INS/OUTS take the port from DX)"
-    if q & QUAL_IMM and (q >> QUAL_PORT_SHIFT) & 0xFFFF > 0xFF:
-        return f"immediate port {(q >> QUAL_PORT_SHIFT) & 0xFFFF:#x} does not fit an imm8"
-    return None
+_SIZE_ENCODING = C.SIZE_ENCODING
 
 
 def decode_exit_qual(q: int, *, strict: bool = True) -> ExitQual:
@@ -84,7 +64,7 @@ def decode_exit_qual(q: int, *, strict: bool = True) -> ExitQual:
     """
     q = C.check_qual_int(q)
     if strict:
-        problem = _qual_problem(q)
+        problem = C.qual_problem(q)
         if problem is not None:
             raise ExitQualError(f"invalid I/O exit qualification {q:#x}: {problem}", value=q)
     return ExitQual(
@@ -106,22 +86,7 @@ def encode_exit_qual(*, size: int, is_in: bool, port: int, is_string: bool = Fal
         an immediate port above 0xFF or on a string instruction, or a flag
         that is not a bool.
     """
-    is_in = C.check_flag("is_in", is_in)
-    is_string = C.check_flag("is_string", is_string)
-    is_rep = C.check_flag("is_rep", is_rep)
-    is_imm = C.check_flag("is_imm", is_imm)
-    if type(size) is bool or size not in _SIZE_ENCODING:
-        raise ExitQualError(f"size must be 1, 2 or 4 bytes, got {size!r}",
-                            value=size if isinstance(size, int) else 0)
-    if type(port) is bool or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
-        raise ExitQualError(f"port must be an int in 0-0xFFFF, got {port!r}",
-                            value=port if isinstance(port, int) else 0)
-    q = (_SIZE_ENCODING[size] | (QUAL_IN if is_in else 0) | (QUAL_STRING if is_string else 0)
-         | (QUAL_REP if is_rep else 0) | (QUAL_IMM if is_imm else 0) | (port << QUAL_PORT_SHIFT))
-    problem = _qual_problem(q)
-    if problem is not None:
-        raise ExitQualError(f"cannot encode {problem}", value=q)
-    return q
+    return C.encode_exit_qual(size, is_in, port, is_string, is_rep, is_imm)
 
 
 def decode_exit_quals(quals: Any) -> np.ndarray:
@@ -141,7 +106,7 @@ def decode_exit_quals(quals: Any) -> np.ndarray:
     for i in range(flat.shape[0]):
         q = int(flat[i])
         out[i] = (q, (q >> 16) & 0xFFFF, (q & 7) + 1, bool(q & QUAL_IN), bool(q & QUAL_STRING),
-                  bool(q & QUAL_REP), bool(q & QUAL_IMM), _qual_problem(q) is None)
+                  bool(q & QUAL_REP), bool(q & QUAL_IMM), C.qual_problem(q) is None)
     return out.reshape(arr.shape)
 
 
