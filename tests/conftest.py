@@ -18,7 +18,7 @@ import tdxve
 BACKEND_MODULES = ["tdxve._core", "tdxve._core_py"]
 
 
-@pytest.fixture(params=BACKEND_MODULES, ids=["cython", "python"])
+@pytest.fixture(scope="session", params=BACKEND_MODULES, ids=["cython", "python"])
 def core(request: pytest.FixtureRequest) -> ModuleType:
     """Each decoder backend in turn (compiled core and pure twin)."""
     return importlib.import_module(request.param)
