@@ -146,3 +146,28 @@ class DeviceError(HostError):
 
 class BusConfigError(HostError, ValueError):
     """Bad port-bus configuration: overlapping ranges, bad sizes, bad port numbers."""
+
+
+# ---------------------------------------------------------------- #VE model (issue 3)
+class GuestPanic(GuestFault):
+    """The guest kernel panicked outside the early-exception path.
+
+    Raised where Linux calls ``panic()``: a TDCALL that returns a non-zero
+    status ("TDCALL 3 failed (Buggy TDX module!)", "TDVMCALL failed. TDX
+    module bug?"; ref 1.2, 1.10).
+    """
+
+
+class GeneralProtectionFault(GuestFault):
+    """#GP(0) injected into the guest, e.g. TDCALL outside 64-bit mode (TDX module td_call; ref 2.1)."""
+
+
+class StringIoLimitError(GuestFault):
+    """An emulated REP INS/OUTS asked for more elements than the configured guard allows.
+
+    Raised before any element is transferred (registers and RIP untouched);
+    see ``Guest(max_rep=...)`` and docs/ve-model.md.
+    """
+
+
+__all__ += ["GuestPanic", "GeneralProtectionFault", "StringIoLimitError"]
