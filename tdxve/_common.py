@@ -127,7 +127,7 @@ def check_qual_int(q: Any) -> int:
                 f"exit qualification must be an int, got {type(q).__name__} {q!r}")
     if q < 0 or q > U64_MASK:
         raise ExitQualError(f"exit qualification {q:#x} is not a 64-bit unsigned value", value=q)
-    return q
+    return int(q)
 
 
 def as_u64_array(values: Any, what: str) -> np.ndarray:
@@ -167,10 +167,10 @@ def as_u64_array(values: Any, what: str) -> np.ndarray:
 def check_u64(name: str, v: Any) -> int:
     if type(v) is bool or not isinstance(v, (int, np.integer)):
         raise InvalidArgumentError(f"{name} must be an int in [0, 2**64), got {type(v).__name__} {v!r}")
-    v = int(v)
-    if not 0 <= v <= U64_MASK:
-        raise InvalidArgumentError(f"{name} must be in [0, 2**64), got {v}")
-    return v
+    iv = int(v)
+    if not 0 <= iv <= U64_MASK:
+        raise InvalidArgumentError(f"{name} must be in [0, 2**64), got {iv}")
+    return iv
 
 
 def check_flag(name: str, v: Any) -> bool:

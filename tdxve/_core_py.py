@@ -212,6 +212,7 @@ def _decode_at(data: Any, start: int, end: int, mode: int) -> tuple[int, int, _R
         addr = 16 if addrsize else 32
     else:
         addr = 32 if addrsize else 16
+    segment: int
     if kind == IoKind.INS:
         segment = Segment.ES                    # ES:rDI, not overridable (ref 3.3)
     elif kind == IoKind.OUTS:

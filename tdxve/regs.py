@@ -42,7 +42,7 @@ def _check_u64(name: str, value: Any) -> int:
     if value < 0 or value > U64_MASK:
         raise RegisterValueError(f"{name} must be in [0, 2**64), got {value:#x}"
                                  if value >= 0 else f"{name} must be in [0, 2**64), got {value}")
-    return value
+    return int(value)
 
 
 def _gpr_property(idx: int, name: str) -> property:

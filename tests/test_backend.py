@@ -1,0 +1,30 @@
+"""The default run proves the compiled backend was loaded (issue 2)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import tdxve
+
+
+def test_backend_matches_environment(pure_requested):
+    if pure_requested:
+        assert tdxve.BACKEND == "python"
+        assert tdxve.decode_insn is tdxve._core_py.decode_insn
+    else:
+        # Without TDXVE_PUREPYTHON the compiled core must be what tdxve uses.
+        assert tdxve.BACKEND == "cython", "compiled core not loaded"
+        compiled = importlib.import_module("tdxve._core")
+        assert tdxve.decode_insn is compiled.decode_insn
+        assert compiled.__file__.endswith((".so", ".pyd"))
+
+
+def test_env_switch_selects_the_twin_in_a_fresh_interpreter():
+    site = os.path.dirname(os.path.dirname(tdxve.__file__))
+    env = dict(os.environ, TDXVE_PUREPYTHON="1", PYTHONPATH=site)
+    out = subprocess.run([sys.executable, "-c", "import tdxve; print(tdxve.BACKEND)"],
+                         env=env, capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "python"
