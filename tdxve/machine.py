@@ -99,12 +99,12 @@ class Machine:
             raise InvalidArgumentError(f"ve_loop_limit must be an int >= 1, got {ve_loop_limit!r}")
         if host is None:
             try:
-                host_mod = importlib.import_module("tdxve.host")
-            except ImportError as exc:
+                host_cls = importlib.import_module("tdxve.host").Host
+            except (ImportError, AttributeError) as exc:
                 raise ImportError(
                     f"Machine(host=None) builds tdxve.host.Host(), which cannot be imported ({exc}); "
                     f"pass any object with a tdvmcall(regs) method as host=") from exc
-            host = host_mod.Host()
+            host = host_cls()
         self.host: TdvmcallHost = host
         self.tdx = TdxModule(host)
         self.guest = Guest(self.tdx, profile=profile, string_io=string_io,
