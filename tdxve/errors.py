@@ -171,3 +171,24 @@ class StringIoLimitError(GuestFault):
 
 
 __all__ += ["GuestPanic", "GeneralProtectionFault", "StringIoLimitError"]
+
+
+# ---------------------------------------------------------------- embedding (issue 5)
+class EmbedError(TdxveError):
+    """The embedding layer (``tdxve.embed``) cannot complete what the simulator asked.
+
+    For example: the instruction bytes at RIP cannot be read, the simulator
+    and tdxve disagree about an instruction, or a direct (non-64-bit) port
+    access needs a host without a ``bus``.
+    """
+
+
+class AttachError(EmbedError, InvalidArgumentError):
+    """``tdxve.embed.unicorn.attach``/``detach`` refused: not an x86 Unicorn
+    instance, a machine without the needed parts, already (or not) attached,
+    or an IN hook already registered that would shadow tdxve's (Unicorn 2.1
+    calls only the first IN hook, anchors 2.1).
+    """
+
+
+__all__ += ["EmbedError", "AttachError"]
