@@ -12,6 +12,10 @@ cdef enum st:
     ST_LOCK = 3
     ST_TOO_LONG = 4
 
+# Bytes per block of the stream kernel's backward pass (fits in L1 with the input).
+cdef enum:
+    STREAM_BLOCK = 4096
+
 # Byte classes for the prefix scan (see _core.pyx _init_tables).
 cdef enum bcls:
     BC_OTHER = 0

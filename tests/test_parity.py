@@ -147,3 +147,44 @@ def test_same_exception_class_and_message(name, args, kwargs):
     b = outcome(getattr(_core_py, name), *args, **kwargs)
     assert a[0] == "raised" and a == b
     assert issubclass(a[1], tdxve.TdxveError) and issubclass(a[1], ValueError)
+
+
+def _valid_stream(rnd: random.Random, n_insns: int, mode: int, max_prefixes: int) -> bytes:
+    legacy = [0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65]
+    pool = legacy + (list(range(0x40, 0x50)) if mode == 64 else [])
+    ops = [0x6C, 0x6D, 0x6E, 0x6F, 0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF]
+    out = bytearray()
+    for _ in range(n_insns):
+        k = min(rnd.choice([0, 0, 1, 1, 2, 3, 4, 5, 6]), max_prefixes)
+        out += bytes(rnd.choice(pool) for _ in range(k))
+        op = rnd.choice(ops)
+        out.append(op)
+        if 0xE4 <= op <= 0xE7:
+            out.append(rnd.randrange(256))      # imm8: any byte, prefixes and opcodes included
+    return bytes(out)
+
+
+@pytest.mark.parametrize("mode", [16, 32, 64])
+def test_stream_kernel_matches_twin_on_long_streams(mode):
+    """The compiled stream kernel has a branch-free fast path (<= 3 prefixes) and an
+    exact path; long streams cross its 4 KiB blocks at every possible alignment."""
+    rnd = random.Random(mode)
+    for max_prefixes in (3, 14):
+        data = _valid_stream(rnd, 40_000, mode, max_prefixes)
+        a, b = _core.decode_insns(data, mode), _core_py.decode_insns(data, mode)
+        assert len(a) == 40_000 and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("mode", [16, 32, 64])
+def test_stream_kernel_errors_match_twin(mode):
+    rnd = random.Random(100 + mode)
+    base = _valid_stream(rnd, 6_000, mode, 4)
+    bad_bytes = [b"\x90", b"\xf0\xec", b"\x66" * 15 + b"\xec", b"\x0f\x01\xcc", b"\xc4"]
+    for trial in range(40):
+        cut = rnd.randrange(len(base))
+        data = base[:cut] + rnd.choice(bad_bytes) + base[cut:]
+        if trial % 5 == 0:
+            data = base[:cut]           # truncated tail somewhere
+        for on_error in ("raise", "stop"):
+            assert outcome(_core.decode_insns, data, mode, on_error=on_error) == \
+                outcome(_core_py.decode_insns, data, mode, on_error=on_error)
