@@ -78,8 +78,8 @@ _NO_VALID_VE_INFO = int(TdxStatus.NO_VALID_VE_INFO)
 _VEINFO_OUTPUTS = (Gpr.RCX, Gpr.RDX, Gpr.R8, Gpr.R9, Gpr.R10)
 # Template for the host's register image (copy() is much cheaper than Regs()).
 _BLANK_REGS = Regs()
-# GPR-select bitmap -> the GPR numbers it selects from RDX up (RAX/RCX never travel).
-_SELECTED: dict[int, tuple[int, ...]] = {}
+# GPR-select bitmap -> (selected, unselected) GPR numbers from RDX up (RAX/RCX never travel).
+_SELECTED: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
 
 class VeInfo(NamedTuple):
@@ -374,17 +374,36 @@ class TdxModule:
         if mask & VMCALL_RCX_RESERVED_MASK or mask & forbidden:
             # tdg_vp_vmcall: bits 0, 1, 4 (and 5 with NO_RBP_MOD) and 63:32 must be 0.
             return TDX_OPERAND_INVALID_RCX
-        sel = _SELECTED.get(mask & 0xFFFF)
-        if sel is None:
-            sel = _SELECTED[mask & 0xFFFF] = tuple(n for n in range(2, 16) if mask >> n & 1)
-        image = _BLANK_REGS.copy()
+        split = _SELECTED.get(mask & 0xFFFF)
+        if split is None:
+            split = _SELECTED[mask & 0xFFFF] = (
+                tuple(n for n in range(2, 16) if mask >> n & 1),
+                tuple(n for n in range(2, 16) if not mask >> n & 1))
+        sel, unsel = split
+        # The host's image: every selected GPR from RDX up as the guest has it,
+        # every other register 0 (copy, then clear what the host may not see).
+        image = regs.copy()
         image.set_gpr(Gpr.RAX, _TDCALL_EXIT)   # the host sees exit reason 77 in RAX
         image.set_gpr(Gpr.RCX, mask)           # TD exit qualification: GPR/XMM select
-        for n in sel:
-            image.set_gpr(n, regs.gpr(n))
+        for n in unsel:
+            image.set_gpr(n, 0)
+        if image.rip:
+            image.rip = 0
+        if image.rflags != _BLANK_REGS.rflags:
+            image.rflags = _BLANK_REGS.rflags
+        if image.fs_base:
+            image.fs_base = 0
+        if image.gs_base:
+            image.gs_base = 0
+        if image.mode != 64:
+            image.mode = 64
+        if image.cpl:
+            image.cpl = 0
         self.vmcalls += 1
         self.host.tdvmcall(image)
         # Back in the guest: selected GPRs from the host, the rest untouched (ref 2.4).
         for n in sel:
-            regs.set_gpr(n, image.gpr(n))
+            v = image.gpr(n)
+            if v != regs.gpr(n):
+                regs.set_gpr(n, v)
         return _SUCCESS
