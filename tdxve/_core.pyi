@@ -8,6 +8,7 @@ from .abi import ExitQual, IoInsn
 
 __all__: list[str]
 BACKEND: str
+DEBUG_BUILD: bool
 
 def decode_exit_qual(q: int, *, strict: bool = True) -> ExitQual: ...
 def encode_exit_qual(*, size: int, is_in: bool, port: int, is_string: bool = False,

@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 BACKEND = "cython"
+#: True in a TDXVE_DEBUG=1 build (bounds/wraparound checks and hot-loop invariants on).
+DEBUG_BUILD = TDXVE_DEBUG
 
 if (sizeof(insn_rec) != INSN_DTYPE.itemsize or sizeof(qual_rec) != EXIT_QUAL_DTYPE.itemsize
         or sizeof(info_rec) != EXIT_INFO_DTYPE.itemsize):

@@ -28,3 +28,12 @@ def test_env_switch_selects_the_twin_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-c", "import tdxve; print(tdxve.BACKEND)"],
                          env=env, capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "python"
+
+
+def test_debug_build_flag_matches_environment(pure_requested):
+    """CI runs the suite once on a TDXVE_DEBUG=1 build and sets TDXVE_EXPECT_DEBUG=1."""
+    if pure_requested:
+        return
+    compiled = importlib.import_module("tdxve._core")
+    expect = os.environ.get("TDXVE_EXPECT_DEBUG", "") not in ("", "0")
+    assert compiled.DEBUG_BUILD is expect
