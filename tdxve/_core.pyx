@@ -33,6 +33,31 @@ from .errors import ExitQualError
 
 cnp.import_array()
 
+from cpython.ref cimport PyObject, Py_INCREF
+
+cdef extern from *:
+    """
+    /* Build an instance of a tuple subclass (a NamedTuple) from n new
+       references without the intermediate tuple of tuple.__new__(cls, t).
+       tp_alloc zero-fills and GC-tracks it; tuple traversal skips NULLs. */
+    static PyObject *tdxve_tuple_of(PyTypeObject *tp, Py_ssize_t n, PyObject **items) {
+        Py_ssize_t i;
+        PyObject *t = tp->tp_alloc(tp, n);
+        if (t == NULL) {
+            for (i = 0; i < n; i++) Py_DECREF(items[i]);
+            return NULL;
+        }
+        for (i = 0; i < n; i++) PyTuple_SET_ITEM(t, i, items[i]);
+        return t;
+    }
+    """
+    object tdxve_tuple_of(type tp, Py_ssize_t n, PyObject** items)
+
+
+cdef inline PyObject* _new_ref(object o) noexcept:
+    Py_INCREF(o)
+    return <PyObject*>o
+
 __all__ = [
     "BACKEND",
     "decode_exit_qual", "encode_exit_qual", "decode_exit_quals",
@@ -91,7 +116,6 @@ _init_tables()
 
 cdef tuple KINDS = tuple(IoKind)
 cdef tuple SEGMENTS = tuple(Segment)
-_tuple_new = tuple.__new__
 
 
 # ---------------------------------------------------------------- mechanism
@@ -597,8 +621,15 @@ def decode_exit_qual(q, *, strict=True):
         v = C.check_qual_int(q)
     if strict and not qual_valid(v):
         raise ExitQualError(f"invalid I/O exit qualification {v:#x}: {C.qual_problem(v)}", value=v)
-    return _tuple_new(ExitQual, ((v & 7) + 1, (v & 8) != 0, (v & 16) != 0, (v & 32) != 0,
-                                 (v & 64) != 0, (v >> 16) & 0xFFFF, v))
+    cdef PyObject* items[7]
+    items[0] = _new_ref((v & 7) + 1)
+    items[1] = _new_ref((v & 8) != 0)
+    items[2] = _new_ref((v & 16) != 0)
+    items[3] = _new_ref((v & 32) != 0)
+    items[4] = _new_ref((v & 64) != 0)
+    items[5] = _new_ref((v >> 16) & 0xFFFF)
+    items[6] = _new_ref(q if type(q) is int else v)
+    return tdxve_tuple_of(ExitQual, 7, items)
 
 
 def encode_exit_qual(*, size, is_in, port, is_string=False, is_rep=False, is_imm=False):
@@ -673,10 +704,16 @@ def decode_insn(code, mode=64):
         st = decode_at(&view[0] if n > 0 else NULL, n, m, &r, &stop)
     if st != ST_OK:
         raise C.decode_error(st, buf, 0, n, stop, m)
-    return _tuple_new(IoInsn, (KINDS[r.kind], r.size, None if r.port < 0 else r.port,
-                               r.rep != 0, r.addr_size,
-                               None if r.segment < 0 else SEGMENTS[r.segment],
-                               r.length, r.rep_prefix))
+    cdef PyObject* items[8]
+    items[0] = _new_ref(KINDS[r.kind])
+    items[1] = _new_ref(r.size)
+    items[2] = _new_ref(None if r.port < 0 else r.port)
+    items[3] = _new_ref(r.rep != 0)
+    items[4] = _new_ref(r.addr_size)
+    items[5] = _new_ref(None if r.segment < 0 else SEGMENTS[r.segment])
+    items[6] = _new_ref(r.length)
+    items[7] = _new_ref(r.rep_prefix)
+    return tdxve_tuple_of(IoInsn, 8, items)
 
 
 def decode_insns(buffer, mode=64, *, on_error="raise"):
