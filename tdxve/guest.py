@@ -21,6 +21,7 @@ silent.
 from __future__ import annotations
 
 import collections.abc
+import operator
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
@@ -97,7 +98,8 @@ class Profile:
     :param vmcall_rcx: the TDG.VP.VMCALL register-select mask the guest
         passes (0xFC00 in 2022, 0xFFCC since Dec 2022; ref 2.4).
     :param description: one line for humans.
-    :raises InvalidArgumentError: ``merge`` is not one of the three rules.
+    :raises InvalidArgumentError: ``merge`` is not one of the three rules, or
+        another field has the wrong type.
     """
 
     name: str
@@ -107,6 +109,11 @@ class Profile:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidArgumentError(f"Profile.name must be a non-empty str, got {self.name!r}")
+        if self.early_advances_rip is not True and self.early_advances_rip is not False:
+            raise InvalidArgumentError(
+                f"Profile.early_advances_rip must be a bool, got {self.early_advances_rip!r}")
         if self.merge not in _MERGES:
             raise InvalidArgumentError(
                 f"Profile.merge must be one of {', '.join(_MERGES)}, got {self.merge!r}")
@@ -225,6 +232,17 @@ def _check_u64(name: str, value: Any) -> int:
     return v
 
 
+def _as_index(name: str, value: Any) -> int:
+    # Python and numpy integers, not bools or floats.
+    if type(value) is bool or isinstance(value, np.bool_):
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
 def _check_linux_size(size: Any) -> int:
     if type(size) is bool or not isinstance(size, int) or not 1 <= size <= 8:
         raise InvalidArgumentError(
@@ -340,12 +358,11 @@ class ArrayMemory:
         self.size = size
 
     def _offset(self, addr: Any, n: int, what: str) -> int:
-        if type(addr) is bool or not isinstance(addr, int):
-            raise InvalidArgumentError(f"address must be an int, got {type(addr).__name__} {addr!r}")
-        off = int(addr) - self.base
+        a = _as_index("address", addr)
+        off = a - self.base
         if off < 0 or off + n > self.size:
             raise IndexError(
-                f"{what} of {n} byte(s) at {int(addr):#x} outside guest memory "
+                f"{what} of {n} byte(s) at {a:#x} outside guest memory "
                 f"[{self.base:#x}, {self.base + self.size:#x})")
         return off
 
@@ -353,12 +370,13 @@ class ArrayMemory:
         """``size`` bytes at ``addr``.
 
         :raises IndexError: any byte outside the memory.
-        :raises InvalidArgumentError: ``addr`` or ``size`` not an int, or ``size`` negative.
+        :raises InvalidArgumentError: ``addr`` or ``size`` not an integer, or ``size`` negative.
         """
-        if type(size) is bool or not isinstance(size, int) or size < 0:
-            raise InvalidArgumentError(f"read size must be a non-negative int, got {size!r}")
-        off = self._offset(addr, size, "read")
-        return self.data[off:off + size].tobytes()
+        n = _as_index("read size", size)
+        if n < 0:
+            raise InvalidArgumentError(f"read size must be non-negative, got {n}")
+        off = self._offset(addr, n, "read")
+        return self.data[off:off + n].tobytes()
 
     def write(self, addr: int, data: bytes) -> None:
         """Store ``data`` (bytes-like) at ``addr``.

@@ -498,3 +498,24 @@ def test_array_memory() -> None:
     for size, base in ((0, 0), (-1, 0), (1.5, 0), (16, -1), (16, 2**64 - 8)):
         with pytest.raises(InvalidArgumentError):
             ArrayMemory(size, base)  # type: ignore[arg-type]
+
+
+def test_array_memory_accepts_numpy_integers() -> None:
+    import numpy as np
+
+    mem = ArrayMemory(8)
+    mem.write(np.uint64(2), b"\x07")
+    assert mem.read(np.int64(2), np.uint8(1)) == b"\x07"
+    with pytest.raises(InvalidArgumentError):
+        mem.read(2.0, 1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError):
+        mem.read(np.bool_(True), 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw", [{"name": ""}, {"name": 5}, {"early_advances_rip": 1},
+                                {"vmcall_rcx": -1}, {"vmcall_rcx": "0xffcc"}])
+def test_profile_field_validation(kw: dict[str, object]) -> None:
+    args: dict[str, object] = {"name": "custom", "merge": "linux"}
+    args.update(kw)
+    with pytest.raises(InvalidArgumentError):
+        Profile(**args)  # type: ignore[arg-type]

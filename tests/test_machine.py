@@ -513,3 +513,49 @@ def test_property_second_ve_before_veinfo_get_is_double_fault(first: bytes, seco
 def test_gpr_names_cover_what_the_properties_compare() -> None:
     # the property tests diff every register Regs has; guard against a silent shrink
     assert len(GPR_NAMES) == 16 and set(Regs().as_dict()) >= set(GPR_NAMES) | {"rip", "rflags"}
+
+
+# ---------------------------------------------------------------- with tdxve.host.Host (contract 1)
+def real_machine(**kw: object) -> Machine:
+    mod = pytest.importorskip("tdxve.host")
+    if not hasattr(mod, "Host"):
+        pytest.skip("tdxve.host.Host not written yet")
+    return Machine(**kw)  # type: ignore[arg-type]
+
+
+def test_real_host_uart_and_post() -> None:
+    m = real_machine(profile="linux-2022")
+    regs = Regs(rip=RIP, rdx=0x3F8)
+    for ch in b"OK\n":
+        regs.rax = 0x100 | ch                      # the 2022 mask leaks bit 8 into R15 ...
+        m.execute(regs, b"\xee")
+    assert m.host.uart.output == b"OK\n"           # type: ignore[attr-defined]  # ... KVM drops it
+    regs.rax = 0x15A
+    out = m.execute(regs, b"\xe6\x80")
+    assert m.host.post.codes[-1] == 0x5A and out.tdvmcalls == 1   # type: ignore[attr-defined]
+
+
+def test_real_host_emulated_rep_outsb_to_debugcon() -> None:
+    m = real_machine(string_io="emulate")
+    m.memory.write(0x500, b"hello, TD")
+    regs = Regs(rip=RIP, rsi=0x500, rcx=9, rdx=0xE9)
+    out = m.execute(regs, b"\xf3\x6e")
+    assert m.host.debugcon.output == b"hello, TD"  # type: ignore[attr-defined]
+    assert out.tdvmcalls == 9 and (regs.rsi, regs.rcx) == (0x509, 0)
+
+
+def test_real_host_rejects_impossible_sizes_like_kvm() -> None:
+    m = real_machine(profile="linux")
+    regs = Regs(rip=RIP, rax=0xAAAAAAAAAAAAAAAA)
+    with pytest.raises(VeFault, match="status 0x8000000000000000"):
+        m.execute_exit(regs, 30, exit_qual=0x00700008 | 7, instr_len=1)   # IN, size 8
+    assert regs.rax == 0 and regs.rip == RIP      # insn_assign_reg(0, 8) on failure
+
+
+def test_real_host_hlt_and_cpuid() -> None:
+    m = real_machine()
+    regs = Regs(rip=RIP, rflags=0x2)
+    assert m.execute_exit(regs, 12).rip == RIP + 1
+    regs = Regs(rip=RIP, rax=0x40000000)
+    assert m.execute_exit(regs, 10).rip == RIP + 2
+    assert m.host.cpuid_lookup(0x40000000)[0] == regs.rax   # type: ignore[attr-defined]
