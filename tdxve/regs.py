@@ -14,7 +14,7 @@ R8..R15; ref 2.4): ``regs.gpr(n)`` / ``regs.set_gpr(n, v)``.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .abi import U64_MASK
 from .errors import RegisterValueError, UnsupportedModeError
@@ -66,9 +66,12 @@ class Regs:
     :raises InvalidArgumentError: ``cpl`` is not 0-3, or an unknown register name.
     """
 
-    __slots__ = ("_g", "_rip", "_rflags", "_fs_base", "_gs_base", "_mode", "_cpl")
+    if not TYPE_CHECKING:
+        # Hidden from type checkers, which would otherwise reject the GPR
+        # attributes below (properties attached after the class body).
+        __slots__ = ("_g", "_rip", "_rflags", "_fs_base", "_gs_base", "_mode", "_cpl")
 
-    # Typed attributes for the generated properties (for type checkers).
+    # The 16 GPRs: properties generated at the end of this module.
     rax: int
     rcx: int
     rdx: int
