@@ -22,7 +22,8 @@ Every time is the minimum of ``--repeat`` runs (``time.perf_counter``, GC off)
 after an untimed run that verifies the output and an untimed warm-up run. The ``core x`` column
 is how many times faster ``tdxve._core`` is than that row, per record. Pure-twin
 rows run on a slice (their ``n`` column says how many records) and are compared
-per record. ``bytes/s`` counts input bytes: 8 per qualification, the stream
+per record. ``cpu/wall`` is process CPU time over wall time for the best
+repeat (about 2 when two threads were busy). ``bytes/s`` counts input bytes: 8 per qualification, the stream
 bytes for instructions, 20 per ``INSN_DTYPE`` record for ``exit_infos``.
 
 Targets (issue 2) are printed as PASS/FAIL with the measured ratio; a FAIL is
@@ -54,7 +55,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# No BLAS is used here; one OpenBLAS thread keeps idle pool threads off the other CPUs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 # Benchmark the tree this script lives in (the package is built in place, not installed).
 _ROOT = Path(__file__).resolve().parents[1]
@@ -314,12 +318,20 @@ def capstone_lite(data: bytes) -> int:
 # ---------------------------------------------------------------- timing
 
 @dataclass
+class Timing:
+    """Per timed repeat: wall-clock seconds and process CPU seconds (all threads)."""
+
+    wall: list[float]
+    cpu: list[float]
+
+
+@dataclass
 class Row:
     workload: str
     impl: str
     n: int                     # records processed per timed run
     nbytes: int                # input bytes per timed run
-    times: list[float]         # every timed repeat, seconds
+    timing: Timing             # every timed repeat
     note: str = ""
     is_core: bool = False
     best: float = 0.0
@@ -327,9 +339,12 @@ class Row:
     records_per_s: float = 0.0
     bytes_per_s: float = 0.0
     core_speedup: float | None = None   # core records/s / this row's records/s
+    cpu_per_wall: float = 0.0           # of the best repeat; ~2 = two threads busy
 
     def __post_init__(self) -> None:
-        self.best = min(self.times)
+        i = min(range(len(self.timing.wall)), key=self.timing.wall.__getitem__)
+        self.best = self.timing.wall[i]
+        self.cpu_per_wall = self.timing.cpu[i] / self.best
         self.ns_per_record = self.best / self.n * 1e9
         self.records_per_s = self.n / self.best
         self.bytes_per_s = self.nbytes / self.best
@@ -351,29 +366,33 @@ class Target:
             self.status = "PASS" if self.measured >= self.required else "FAIL"
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
-    """``repeat`` wall-clock times of ``fn()`` after one untimed warm-up run, GC off.
+def timed(fn: Callable[[], Any], repeat: int) -> Timing:
+    """``repeat`` timings of ``fn()`` after one untimed warm-up run, GC off.
 
     The warm-up matters for the quick single-repeat run: the first calls of a
     size class pay the allocator's heap growth (page faults) once.
     """
-    times = []
+    wall: list[float] = []
+    cpu: list[float] = []
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         fn()
         for _ in range(repeat):
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            cpu.append(time.process_time() - c0)
+            wall.append(t1 - t0)
     finally:
         if was_enabled:
             gc.enable()
-    return times
+    return Timing(wall, cpu)
 
 
 def per_call_times(fn: Callable[[Any], Any], args: Sequence[Any], calls: int,
-                   repeat: int) -> tuple[list[float], int]:
+                   repeat: int) -> tuple[Timing, int]:
     """Times of ``calls`` calls of ``fn`` cycling through ``args`` (timeit-style).
 
     Includes the Python ``for`` loop overhead, which makes the core/twin ratio
@@ -625,6 +644,8 @@ def machine_info() -> dict[str, Any]:
     }
     if hasattr(os, "sched_getaffinity"):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_start"] = list(os.getloadavg())
     return info
 
 
@@ -644,8 +665,12 @@ def print_report(rows: list[Row], targets: list[Target], machine: dict[str, Any]
     print(f"tdxve decoder benchmark: {' '.join(argv)}")
     print(f"  {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, {machine['platform']}")
     print(f"  Python {machine['python']}, numpy {machine['numpy']}, iced-x86 {machine['iced_x86']}, "
-          f"capstone {machine['capstone']}")
-    headers = ("implementation", "n", "best", "ns/rec", "rec/s", "bytes/s", "core x", "note")
+          f"capstone {machine['capstone']}; tdxve {machine['tdxve_git']}")
+    if "loadavg_at_start" in machine:
+        print(f"  load average at start {machine['loadavg_at_start'][0]:.2f}, at end "
+              f"{machine['loadavg_at_end'][0]:.2f} (other processes skew the times)")
+    headers = ("implementation", "n", "best", "ns/rec", "rec/s", "bytes/s", "cpu/wall", "core x",
+               "note")
     by_wl: dict[str, list[Row]] = {}
     for r in rows:
         by_wl.setdefault(r.workload, []).append(r)
@@ -654,9 +679,10 @@ def print_report(rows: list[Row], targets: list[Target], machine: dict[str, Any]
         for r in wl_rows:
             table.append((r.impl, f"{r.n:,}", _time(r.best), f"{r.ns_per_record:,.1f}",
                           _si(r.records_per_s) + "rec/s", _si(r.bytes_per_s) + "B/s",
+                          f"{r.cpu_per_wall:.2f}",
                           "1.00" if r.is_core else f"{r.core_speedup:,.1f}", r.note))
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
-    right = {1, 2, 3, 4, 5, 6}
+    right = {1, 2, 3, 4, 5, 6, 7}
 
     def fmt(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -719,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
             if r.workload == wl:
                 r.core_speedup = core.records_per_s / r.records_per_s
     targets = targets_q + targets_i + targets_s
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_at_end"] = list(os.getloadavg())
     shown_argv = [Path(sys.argv[0]).name if argv is None else "bench_decode.py",
                   *(sys.argv[1:] if argv is None else argv)]
     print_report(rows, targets, machine, shown_argv, args.quick)
