@@ -18,13 +18,14 @@ One run measures, over the same seeded workloads:
 * ``exit_infos`` over the decoded stream (informational, no target).
 * single ``decode_exit_qual`` / ``decode_insn`` calls, both backends.
 
-Every time is the minimum of ``--repeat`` runs (``time.perf_counter``, GC off)
-after an untimed run that verifies the output and an untimed warm-up run. The ``core x`` column
-is how many times faster ``tdxve._core`` is than that row, per record. Pure-twin
-rows run on a slice (their ``n`` column says how many records) and are compared
-per record. ``cpu/wall`` is process CPU time over wall time for the best
-repeat (about 2 when two threads were busy). ``bytes/s`` counts input bytes: 8 per qualification, the stream
-bytes for instructions, 20 per ``INSN_DTYPE`` record for ``exit_infos``.
+Every time is the minimum of ``--repeat`` runs (``time.perf_counter``, GC
+off) after an untimed run that verifies the output and an untimed warm-up run.
+The ``core x`` column is how many times faster ``tdxve._core`` is than that
+row, per record. Pure-twin rows run on a slice (their ``n`` column says how
+many records) and are compared per record. ``cpu/wall`` is process CPU time
+over wall time for the best repeat (about 2 when two threads were busy).
+``bytes/s`` counts input bytes: 8 per qualification, the stream bytes for
+instructions, 20 per ``INSN_DTYPE`` record for ``exit_infos``.
 
 Targets (issue 2) are printed as PASS/FAIL with the measured ratio; a FAIL is
 reported and, with ``--strict``, turns into exit status 1 (default: 0, so a
