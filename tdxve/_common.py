@@ -298,3 +298,18 @@ def encode_exit_qual(size: Any, is_in: Any, port: Any, is_string: Any, is_rep: A
     if problem is not None:
         raise ExitQualError(f"cannot encode {problem}", value=q)
     return q
+
+
+def check_out(out: Any, like: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Validate a caller-supplied output array for a batch decoder."""
+    if not isinstance(out, np.ndarray) or out.dtype != dtype:
+        raise InvalidArgumentError(
+            f"out must be a numpy array of dtype {dtype}, got "
+            + (f"dtype {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__))
+    if out.shape != like.shape:
+        raise InvalidArgumentError(f"out has shape {out.shape}, the input has {like.shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise InvalidArgumentError("out must be C-contiguous and writeable")
+    if np.may_share_memory(out, like):
+        raise InvalidArgumentError("out must not overlap the input")
+    return out

@@ -195,3 +195,34 @@ def test_batch_accepts_integer_inputs(core, values):
 def test_batch_rejects_bad_inputs(core, values):
     with pytest.raises(InvalidArgumentError):
         core.decode_exit_quals(values)
+
+
+def test_batch_out_parameter_decodes_in_place(core):
+    vals = np.array([[0x03FD0008, 2], [0x00710048, 1 << 40]], dtype=np.uint64)
+    out = np.zeros(vals.shape, dtype=tdxve.EXIT_QUAL_DTYPE)
+    res = core.decode_exit_quals(vals, out=out)
+    assert res is out
+    assert out.tobytes() == core.decode_exit_quals(vals).tobytes()
+    assert out["valid"].tolist() == [[True, False], [True, False]]
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda v: np.zeros(3, dtype=tdxve.EXIT_QUAL_DTYPE),                 # wrong shape
+    lambda v: np.zeros(v.shape, dtype=np.uint64),                        # wrong dtype
+    lambda v: np.zeros(v.shape[0] * 2, dtype=tdxve.EXIT_QUAL_DTYPE)[::2],  # not contiguous
+    lambda v: [0] * v.shape[0],
+])
+def test_batch_out_parameter_rejects_unsuitable_arrays(core, make_out):
+    vals = np.arange(4, dtype=np.uint64)
+    with pytest.raises(InvalidArgumentError):
+        core.decode_exit_quals(vals, out=make_out(vals))
+
+
+def test_batch_out_must_not_overlap_input(core):
+    buf = np.zeros(4, dtype=tdxve.EXIT_QUAL_DTYPE)
+    with pytest.raises(InvalidArgumentError, match="overlap"):
+        core.decode_exit_quals(buf.view(np.uint64)[:4], out=buf)
+    ro = np.zeros(4, dtype=tdxve.EXIT_QUAL_DTYPE)
+    ro.flags.writeable = False
+    with pytest.raises(InvalidArgumentError):
+        core.decode_exit_quals(np.arange(4, dtype=np.uint64), out=ro)
