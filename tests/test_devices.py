@@ -455,6 +455,8 @@ def test_pci_configurable_functions() -> None:
         PciFunction(0, 0, config=b"short")
     with pytest.raises(InvalidArgumentError):
         nic.read(0xFF, 2)
+    with pytest.raises(InvalidArgumentError):
+        p.read(0xCFE, 4)                            # direct device use past CONFIG_DATA
 
 
 def test_pci_reset_control_cf9() -> None:

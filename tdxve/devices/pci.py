@@ -178,7 +178,8 @@ class PciHost:
 
     State: ``config_address`` (int), ``rcr`` (reset control byte),
     ``reset_requests`` (int), ``functions`` (dict ``(bus, device, function)``
-    -> :class:`PciFunction`).
+    -> :class:`PciFunction`; change it through :meth:`add`/:meth:`remove`,
+    which keep the decoded-target cache right).
     """
 
     def __init__(self, *, base: int = 0xCF8, host_bridge: bool = True) -> None:
@@ -189,6 +190,8 @@ class PciHost:
         self.config_address = 0
         self.rcr = 0
         self.reset_requests = 0
+        self._cached_addr = -1              # CONFIG_ADDRESS the cached target below belongs to
+        self._cached: tuple[PciFunction | None, int] = (None, 0)
         if host_bridge:
             self.add(0, 0, 0, PciFunction(0x8086, 0x1237, class_code=0x060000, revision=0x02))
 
@@ -218,6 +221,7 @@ class PciHost:
         if key in self.functions:
             raise InvalidArgumentError(f"PCI {bus:02x}:{device:02x}.{function} is already populated")
         self.functions[key] = fn
+        self._cached_addr = -1
 
     def remove(self, bus: int, device: int, function: int) -> PciFunction:
         """Take the function at ``bus:device.function`` out and return it.
@@ -225,6 +229,7 @@ class PciHost:
         :raises InvalidArgumentError: bad address or nothing there.
         """
         key = self._check_bdf(bus, device, function)
+        self._cached_addr = -1
         try:
             return self.functions.pop(key)
         except KeyError:
@@ -251,19 +256,28 @@ class PciHost:
 
     def _target(self) -> tuple[PciFunction | None, int]:
         a = self.config_address
+        if a == self._cached_addr:
+            return self._cached
         if not a & CONFIG_ENABLE:
-            return None, 0
-        return self.functions.get(((a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 7)), a & 0xFC
+            t: tuple[PciFunction | None, int] = (None, 0)
+        else:
+            t = (self.functions.get(((a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 7)), a & 0xFC)
+        self._cached_addr = a
+        self._cached = t
+        return t
 
     # ------------------------------------------------------------ bus interface
     def read(self, port: int, size: int) -> int:
         """CONFIG_ADDRESS (dword at base), RCR (byte at base+1) or CONFIG_DATA."""
         off = port - self.base
         if off >= 4:
+            if off + size > 8:
+                raise InvalidArgumentError(f"{size}-byte access at {port:#x} runs past CONFIG_DATA")
             fn, reg = self._target()
             if fn is None:
                 return (1 << (8 * size)) - 1                # master abort
-            return fn.read(reg + off - 4, size)
+            o = reg + off - 4
+            return int.from_bytes(fn.config[o:o + size], "little")
         if off == 0 and size == 4:
             return self.config_address
         if off == 1 and size == 1:
@@ -274,6 +288,8 @@ class PciHost:
         """See :meth:`read`; writes to absent functions or with enable clear are dropped."""
         off = port - self.base
         if off >= 4:
+            if off + size > 8:
+                raise InvalidArgumentError(f"{size}-byte access at {port:#x} runs past CONFIG_DATA")
             fn, reg = self._target()
             if fn is not None:
                 fn.write(reg + off - 4, size, value)

@@ -17,8 +17,8 @@ Rules (QEMU ``system/ioport.c`` and ``docs/devel/memory.rst``; anchors 2.3):
   bytes of the value. Bytes of a piece that no accepted size fits (a byte
   read of a dword-only register), bytes on unassigned ports and bytes past
   port 0xFFFF (the port space does not wrap) read as 0xFF and are dropped on
-  write. ``bus.splits`` counts split accesses, ``bus.unassigned`` accesses
-  that touched at least one such byte.
+  write. ``bus.splits`` counts accesses served in pieces, ``bus.unassigned``
+  accesses that touched at least one byte no device served.
 * **Device values**: a device's ``read`` must return an int; only the low
   ``size`` bytes are used (as KVM's and QEMU's PIO layers copy ``size``
   bytes). Anything that is not an int is a device error.
@@ -255,6 +255,9 @@ class PortBus:
             if type(v) is not int:
                 return self._bad_value(s, port, size, v)
             return v & _MASK[size]
+        if s is None and self._all_unassigned(port, size):
+            self.unassigned += 1
+            return _MASK[size]
         return self._read_split(port, size)
 
     def _write(self, port: int, size: int, value: int) -> None:
@@ -265,7 +268,19 @@ class PortBus:
             except Exception as exc:
                 self._failed(s, port, size, value, exc)
             return
+        if s is None and self._all_unassigned(port, size):
+            self.unassigned += 1
+            return
         self._write_split(port, size, value)
+
+    def _all_unassigned(self, port: int, size: int) -> bool:
+        # The common probe of an absent device: no byte of the access has a device.
+        if size == 1:
+            return True
+        sl = self._slots
+        if port + size > 0x10000 or sl[port + 1] is not None:
+            return False
+        return size == 2 or (sl[port + 2] is None and sl[port + 3] is None)
 
     def _pieces(self, port: int, size: int) -> list[tuple[int, int, _Slot | None]]:
         # (offset, length, slot or None for "nobody") covering the access, lowest port first.

@@ -230,7 +230,10 @@ class Host:
             raise InvalidArgumentError(f"tdvmcall_info must be four 64-bit ints, got {tdvmcall_info!r}")
         self.clock: Clock = clock
         self.bus = PortBus(on_device_error=on_device_error)
-        self.stats = HostStats(direct=self.bus.stats)
+        self._stats = HostStats(direct=self.bus.stats)
+        # Hot-path aliases; HostStats.reset() clears these containers in place.
+        self._calls = self._stats.calls
+        self._io_counts = self._stats.io.counts
         self.uart = Uart16550(0x3F8)
         self.debugcon = DebugConsole()
         self.post = PostCodePort()
@@ -354,6 +357,11 @@ class Host:
 
     # ------------------------------------------------------------ state
     @property
+    def stats(self) -> HostStats:
+        """Counters (reset them with ``stats.reset()``)."""
+        return self._stats
+
+    @property
     def device_errors(self) -> list[DeviceErrorRecord]:
         """Device errors recorded by the bus (most recent 1024)."""
         return list(self.bus.device_errors)
@@ -390,11 +398,51 @@ class Host:
             self._vmm_call(regs)
             return
         sub = g[11]
-        calls = self.stats.calls
+        calls = self._calls
         calls[sub] = calls.get(sub, 0) + 1
-        if sub == _IO:
-            self._io(g)
+        if sub != _IO:
+            self._other(regs, sub)
             return
+        # Instruction.IO, inline because it is the hot path: tdx.c tdx_emulate_io (ref 5.2).
+        size = g[12]
+        write = g[13]
+        if (write != 0 and write != 1) or (size != 1 and size != 2 and size != 4):
+            self._io_rejected(g)
+            return
+        port = g[14] & 0xFFFF                       # unsigned short port in the PIO helpers
+        bus = self.bus
+        errors = bus.error_count
+        c = self._io_counts.get(port)
+        if c is None:
+            c = self._io_counts[port] = [0, 0, 0, 0]
+        if write:
+            value = g[15] & _MASK[size]             # only `size` bytes of R15 reach the device
+            c[1] += 1
+            c[3] += size
+            try:
+                bus._write(port, size, value)
+            except DeviceError:
+                self._device_failed(g, port, size, 1, value)
+                raise
+        else:
+            c[0] += 1
+            c[2] += size
+            try:
+                value = bus._read(port, size)
+            except DeviceError:
+                self._device_failed(g, port, size, 0, -1)
+                raise
+        if bus.error_count != errors:               # policy "record": the guest still sees a failure
+            self._device_failed(g, port, size, write, value if write else -1)
+            return
+        if not write:
+            g[11] = value                           # zero-extended; R10 left as passed (0)
+        log = self._log
+        if log is not None:
+            log.record("tdvmcall", "io", _IO, port, size, write, value, g[10], "")
+
+    def _other(self, regs: Regs, sub: int) -> None:
+        g = regs._g
         self._last_arg = g[12]
         self._last_value = -1
         entry = self._handlers.get(sub)
@@ -412,49 +460,20 @@ class Host:
         if log is not None:
             log.record("tdvmcall", name, sub, self._last_arg, -1, -1, self._last_value, st, "")
 
-    def _io(self, g: list[int]) -> None:
-        # tdx.c tdx_emulate_io (ref 5.2).
-        size = g[12]
-        write = g[13]
-        log = self._log
-        if (write != 0 and write != 1) or (size != 1 and size != 2 and size != 4):
-            g[10] = _INVALID_OPERAND
-            f = self.stats.failures
-            f[_INVALID_OPERAND] = f.get(_INVALID_OPERAND, 0) + 1
-            if log is not None:
-                log.record("tdvmcall", "io", _IO, g[14], size, write, -1, _INVALID_OPERAND, "")
-            return
-        port = g[14] & 0xFFFF                       # unsigned short port in the PIO helpers
-        bus = self.bus
-        errors = bus.error_count
-        if write:
-            value = g[15] & _MASK[size]             # only `size` bytes of R15 reach the device
-            self.stats.io.add_write(port, size)
-            try:
-                bus._write(port, size, value)
-            except DeviceError:
-                self._device_failed(g, log, port, size, 1, value)
-                raise
-        else:
-            self.stats.io.add_read(port, size)
-            try:
-                value = bus._read(port, size)
-            except DeviceError:
-                self._device_failed(g, log, port, size, 0, -1)
-                raise
-        if bus.error_count != errors:               # policy "record": the guest still sees a failure
-            self._device_failed(g, log, port, size, write, value if write else -1)
-            return
-        if not write:
-            g[11] = value                           # zero-extended; R10 left as passed (0)
-        if log is not None:
-            log.record("tdvmcall", "io", _IO, port, size, write, value, g[10], "")
-
-    def _device_failed(self, g: list[int], log: EventLog | None, port: int, size: int,
-                       write: int, value: int) -> None:
+    def _io_rejected(self, g: list[int]) -> None:
+        # write not 0/1 or size not 1/2/4: INVALID_OPERAND, nothing else (tdx_emulate_io).
         g[10] = _INVALID_OPERAND
         f = self.stats.failures
         f[_INVALID_OPERAND] = f.get(_INVALID_OPERAND, 0) + 1
+        log = self._log
+        if log is not None:
+            log.record("tdvmcall", "io", _IO, g[14], g[12], g[13], -1, _INVALID_OPERAND, "")
+
+    def _device_failed(self, g: list[int], port: int, size: int, write: int, value: int) -> None:
+        g[10] = _INVALID_OPERAND
+        f = self.stats.failures
+        f[_INVALID_OPERAND] = f.get(_INVALID_OPERAND, 0) + 1
+        log = self._log
         if log is not None:
             log.record("tdvmcall", "io", _IO, port, size, write, value, _INVALID_OPERAND, "device_error")
 
