@@ -1,8 +1,12 @@
 """tdxve — Intel TDX guest port I/O through #VE, modelled bit-exactly.
 
-Decoder (compiled core or pure twin, see :data:`BACKEND`):
-:func:`decode_exit_qual`, :func:`encode_exit_qual`, :func:`decode_exit_quals`,
-:func:`decode_insn`, :func:`decode_insns`, :func:`exit_info`, :func:`exit_infos`.
+* Decoder (compiled core or pure twin, see :data:`BACKEND`):
+  :func:`decode_exit_qual`, :func:`encode_exit_qual`, :func:`decode_exit_quals`,
+  :func:`decode_insn`, :func:`decode_insns`, :func:`exit_info`, :func:`exit_infos`.
+* #VE model: :class:`Machine` (host + :class:`TdxModule` + :class:`Guest`),
+  :class:`Regs`, guest memory (:class:`GuestMemory`, :class:`ArrayMemory`).
+* Host: :class:`Host` (KVM-faithful TDVMCALL service), :class:`PortBus`,
+  :class:`FaultyHost` / :class:`FaultPlan`; device models in :mod:`tdxve.devices`.
 """
 
 from __future__ import annotations
@@ -24,20 +28,25 @@ from .abi import (
     TdxStatus,
 )
 from .errors import (
+    AttachError,
     BusConfigError,
     DecodeError,
     DeviceError,
     DoubleFault,
     EarlyPanic,
+    EmbedError,
     ExitQualError,
+    GeneralProtectionFault,
     GuestFault,
     GuestMemoryFault,
+    GuestPanic,
     HostError,
     InstructionTooLongError,
     InvalidArgumentError,
     LockPrefixError,
     NotPortIoError,
     RegisterValueError,
+    StringIoLimitError,
     TdxveError,
     TruncatedInputError,
     UnsupportedExitError,
@@ -56,8 +65,19 @@ decode_insns = _core_impl.decode_insns
 exit_info = _core_impl.exit_info
 exit_infos = _core_impl.exit_infos
 
-# ---- #VE model (issue 3) -- bound below when present
-# ---- host (issue 4) -- bound below when present
+# ---- #VE model and host (pure Python; they use the backend bound above)
+from .guest import (  # noqa: E402
+    INTEL_ALLOWED_PORTS,
+    INTEL_DEBUG_ALLOWED_PORTS,
+    PROFILE_NAMES,
+    ArrayMemory,
+    Guest,
+    GuestMemory,
+    Profile,
+)
+from .host import EventLog, FaultPlan, FaultyHost, Host, PortBus  # noqa: E402
+from .machine import Machine, Outcome  # noqa: E402
+from .tdx import TdxModule, VeInfo  # noqa: E402
 
 __all__ = [
     # backend and version
@@ -69,13 +89,16 @@ __all__ = [
     "ExitQual", "IoInsn", "IoKind", "Segment", "ExitReason", "TdcallLeaf",
     "TdvmcallSubfn", "TdvmcallStatus", "TdxStatus",
     "EXIT_QUAL_DTYPE", "INSN_DTYPE", "EXIT_INFO_DTYPE",
-    # CPU state
-    "Regs",
+    # CPU state, #VE model, host
+    "Regs", "Machine", "Outcome", "TdxModule", "VeInfo", "Guest", "Profile", "PROFILE_NAMES",
+    "GuestMemory", "ArrayMemory", "INTEL_ALLOWED_PORTS", "INTEL_DEBUG_ALLOWED_PORTS",
+    "Host", "PortBus", "FaultyHost", "FaultPlan", "EventLog",
     # errors
     "TdxveError", "InvalidArgumentError", "RegisterValueError", "UnsupportedModeError",
     "DecodeError", "NotPortIoError", "TruncatedInputError", "LockPrefixError",
     "InstructionTooLongError", "ExitQualError",
     "GuestFault", "EarlyPanic", "VeFault", "DoubleFault", "VeLoopError",
-    "GuestMemoryFault", "UnsupportedExitError",
-    "HostError", "DeviceError", "BusConfigError",
+    "GuestMemoryFault", "UnsupportedExitError", "GuestPanic", "GeneralProtectionFault",
+    "StringIoLimitError",
+    "HostError", "DeviceError", "BusConfigError", "EmbedError", "AttachError",
 ]
