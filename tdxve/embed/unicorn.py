@@ -88,6 +88,27 @@ _IDX = {name: i for i, name in enumerate(_SNAP_NAMES)}
 _BLANK = Regs()
 
 
+def _to_regs(snap: Sequence[int], cpl: int) -> Regs:
+    """A 64-bit-mode Regs holding the snapshot (unrolled: this runs per event)."""
+    r = _BLANK.copy()
+    r.mode = 64
+    r.cpl = cpl
+    (r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi,
+     r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) = snap[:16]
+    r.rip = snap[16]
+    r.rflags = snap[17]
+    r.fs_base = snap[18]
+    r.gs_base = snap[19]
+    return r
+
+
+def _from_regs(r: Regs) -> list[int]:
+    """The snapshot order of :data:`_SNAP_NAMES`."""
+    return [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi,
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+            r.rip, r.rflags, r.fs_base, r.gs_base]
+
+
 # ==========================================================================
 # Unicorn access (imported lazily: importing tdxve never needs unicorn)
 # ==========================================================================
@@ -343,6 +364,7 @@ class UnicornAttachment:
         self._draining = False
         self._user_stop = False
         self._attached = True
+        self._mode_cache: dict[tuple[int, int, int, int | None], tuple[int, str]] = {}
         x86 = lib.x86
         # One batch for everything a #VE needs: the snapshot registers (64-bit
         # ids, UC_MODE_64 only), then CR0, CS, EFLAGS, EIP, EFER, GDTR.
@@ -491,9 +513,13 @@ class UnicornAttachment:
         cr0, cs, eflags, _eip, efer, gbase, glimit = self._mode_state()
         rflags = self._read.values[_RFLAGS] if self._api64 else eflags
         desc = self._cs_descriptor(cr0, rflags, cs, gbase, glimit)
-        mode = cpu_mode(cr0=cr0, efer=efer, rflags=rflags, cs_descriptor=desc, fallback=self._fallback)
-        label = mode_label(cr0=cr0, efer=efer, rflags=rflags, cs_descriptor=desc, fallback=self._fallback)
-        return mode, cpu_cpl(cr0=cr0, rflags=rflags, cs_selector=cs), label, cr0, cs, rflags
+        key = (cr0 & _CR0_PE, efer & (1 << 10), rflags & _RFLAGS_VM, desc)
+        hit = self._mode_cache.get(key)
+        if hit is None:
+            hit = self._mode_cache[key] = (
+                cpu_mode(cr0=cr0, efer=efer, rflags=rflags, cs_descriptor=desc, fallback=self._fallback),
+                mode_label(cr0=cr0, efer=efer, rflags=rflags, cs_descriptor=desc, fallback=self._fallback))
+        return hit[0], cpu_cpl(cr0=cr0, rflags=rflags, cs_selector=cs), hit[1], cr0, cs, rflags
 
     def _snapshot64(self) -> list[int]:
         """The 20 snapshot registers with 64-bit values (after ``_read_all``)."""
@@ -578,11 +604,7 @@ class UnicornAttachment:
                 f"Unicorn and tdxve disagree about the instruction at {rip:#x} "
                 f"({code[:insn.length].hex(' ')}): Unicorn {'IN' if is_in else 'OUT'} port {port:#x} "
                 f"size {size}, decoded port {dport:#x} size {insn.size}")
-        regs = _BLANK.copy()
-        regs.mode = 64
-        regs.cpl = cpl
-        for name, v in zip(_SNAP_NAMES, snap):
-            setattr(regs, name, v)
+        regs = _to_regs(snap, cpl)
         c0 = self._counters()
         try:
             out = self.machine.execute(regs, code)
@@ -594,7 +616,7 @@ class UnicornAttachment:
             self._start_barrier(final, fault, snap)
             return 0
         self.stats.add_ve(port, is_in, out.tdvmcalls, out.ve_count)
-        after = [getattr(regs, n) for n in _SNAP_NAMES]
+        after = _from_regs(regs)
         ret = self._realize(insn, snap, after, is_in, size)
         if ret is None:
             self._start_barrier(_diff(snap, regs), None, snap)
@@ -816,11 +838,7 @@ class UnicornAttachment:
         self.halted = True
         if mode != 64:
             return                  # firmware HLT: no #VE outside 64-bit mode
-        regs = _BLANK.copy()
-        regs.mode = 64
-        regs.cpl = cpl
-        for name, v in zip(_SNAP_NAMES, snap):
-            setattr(regs, name, v)
+        regs = _to_regs(snap, cpl)
         regs.rip = (rip - 1) & U64_MASK         # the #VE is taken at the HLT
         c0 = self._counters()
         try:
@@ -855,13 +873,8 @@ class UnicornAttachment:
         self._finish_barrier(b)
 
 
-def _diff(snap: list[int], regs: Regs) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for i, name in enumerate(_SNAP_NAMES):
-        v = getattr(regs, name)
-        if v != snap[i]:
-            out[name] = v
-    return out
+def _diff(snap: Sequence[int], regs: Regs) -> dict[str, int]:
+    return {name: v for name, v, old in zip(_SNAP_NAMES, _from_regs(regs), snap) if v != old}
 
 
 @contextmanager

@@ -111,7 +111,7 @@ DEMO = GuestImage(
     memory_size=0x200000,
     symbols=MappingProxyType({
         "_start": 0x0, "pm16": 0x23, "pm32": 0x35, "lm64": 0x88, "gdt": 0x1E0,
-        "pci_rax": 0x210, "cmos_a": 0x218,
+        "halt": 0x130, "pci_rax": 0x210, "cmos_a": 0x218,
     }),
 )
 

@@ -126,8 +126,8 @@ lm64:                                   # 64-bit mode (CS.L = 1): port I/O is a 
         call    debugcon_puts
         movb    $0x40, %al              # POST 0x40: done
         outb    %al, $POST
-1:      hlt
-        jmp     1b
+halt:   hlt                             # a #VE on the normal path: TDG.VP.VMCALL<HLT>
+        jmp     halt
 
 # early_serial_hw_init(115200 / 9600): LCR 8n1, IER 0, FCR 0, MCR DTR|RTS,
 # then the divisor through DLAB.
