@@ -14,6 +14,7 @@ cimport numpy as cnp
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memmove
 
 import sys
 
@@ -76,6 +77,26 @@ cdef bint LITTLE_ENDIAN = sys.byteorder == "little"
 
 # SDM Table 27-5 (ref 3.1): bits 63:32 and 15:7 reserved.
 cdef uint64_t QUAL_RESERVED = 0xFFFFFFFF0000FF80ULL
+
+# ---------------------------------------------------------------- threads
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_t:
+        pass
+    int pthread_create(pthread_t* t, const void* attr, void* (*fn)(void*) noexcept nogil,
+                       void* arg)
+    int pthread_join(pthread_t t, void** ret)
+
+cdef extern from "<unistd.h>" nogil:
+    long sysconf(int name)
+    int _SC_NPROCESSORS_ONLN
+
+# Element-wise batch kernels over more than this many records run in two
+# halves, the second on a short-lived pthread (no OpenMP: nothing persists,
+# so a fork() in the user's program is safe). Results do not depend on it.
+cdef Py_ssize_t SPLIT_MIN = 1 << 20
+cdef bint MULTICORE = sysconf(_SC_NPROCESSORS_ONLN) > 1
+
 
 # ---------------------------------------------------------------- tables
 
@@ -348,10 +369,15 @@ _init_stream_tables()
 @cython.boundscheck(TDXVE_DEBUG)
 @cython.wraparound(TDXVE_DEBUG)
 cdef Py_ssize_t _decode_stream(const uint8_t* p, Py_ssize_t n, int mode, insn_rec* out,
-                               int* st, Py_ssize_t* err_start, Py_ssize_t* err_pos) noexcept nogil:
-    # out has room for n records (every instruction is >= 1 byte).
-    # Returns the number of records; *st = ST_OK or the status of the first
-    # failing instruction, which starts at *err_start and failed at *err_pos.
+                               Py_ssize_t limit, Py_ssize_t base, int* st,
+                               Py_ssize_t* err_start, Py_ssize_t* err_pos,
+                               Py_ssize_t* pos_out) noexcept nogil:
+    # Decodes instructions starting in p[0:limit] (reading up to p[n-1]);
+    # out has room for limit records (every instruction is >= 1 byte).
+    # Records get offset base + position. Returns the number of records;
+    # *st = ST_OK or the status of the first failing instruction, which
+    # starts at *err_start and failed at *err_pos (both relative to p);
+    # *pos_out = where decoding stopped (>= limit on success).
     cdef uint8_t run[STREAM_BLOCK + 32]        # per position: bits 3:0 prefix-run length (15 = too many), bit 4 imm
     cdef const uint32_t* attr = &ATTR64[0] if mode == 64 else &ATTR32[0]
     cdef const uint8_t* rcls = &RUN64[0] if mode == 64 else &RUN32[0]
@@ -368,10 +394,10 @@ cdef Py_ssize_t _decode_stream(const uint8_t* p, Py_ssize_t n, int mode, insn_re
     cdef insn_rec* r
     addr_by_67[0] = <uint8_t>mode
     addr_by_67[1] = 32 if mode != 32 else 16
-    while pos < n:
+    while pos < limit:
         # ---- backward pass over [pos, end) with look-ahead up to look
         a = pos
-        end = a + STREAM_BLOCK if a + STREAM_BLOCK < n else n
+        end = a + STREAM_BLOCK if a + STREAM_BLOCK < limit else limit
         look = end + 16 if end + 16 < n else n
         # Past the input: run 15 at the look-ahead edge (forces the exact
         # path for any prefix run that reaches it), run 0 at the true end
@@ -429,7 +455,7 @@ cdef Py_ssize_t _decode_stream(const uint8_t* p, Py_ssize_t n, int mode, insn_re
                     outs_seg = ((fsgs - 1u) & m) | (<uint32_t>SEG_DEFAULT_DS[seg] & ~m)
                     m = 0u - <uint32_t>(kind == 3)
                     segment = <int8_t>((outs_seg & m) | (<uint32_t>KIND_SEG[kind] & ~m))
-                    r.offset = pos
+                    r.offset = base + pos
                     r.port = port
                     r.length = <uint8_t>(npfx + 1 + imm)
                     r.kind = <uint8_t>kind
@@ -447,6 +473,7 @@ cdef Py_ssize_t _decode_stream(const uint8_t* p, Py_ssize_t n, int mode, insn_re
                                 or check.rep_prefix != r.rep_prefix
                                 or check.addr_size != r.addr_size or check.kind != r.kind):
                             st[0] = -1
+                            pos_out[0] = pos
                             return count
                     pos += npfx + 1 + imm
                     count += 1
@@ -457,12 +484,127 @@ cdef Py_ssize_t _decode_stream(const uint8_t* p, Py_ssize_t n, int mode, insn_re
                 st[0] = s
                 err_start[0] = pos
                 err_pos[0] = pos + stop
+                pos_out[0] = pos
                 return count
-            r.offset = pos
+            r.offset = base + pos
             pos += r.length
             count += 1
     st[0] = ST_OK
+    pos_out[0] = pos
     return count
+
+
+# Streams of at least this many bytes are decoded by two threads. Decoding
+# from the middle resynchronises: the second thread starts at byte n/2 (a few
+# bytes later if that lands inside an instruction and fails at once) and the
+# first decodes up to n/2, then instruction by instruction until it reaches
+# a boundary the second thread also found; from there on both chains are the
+# same, so the records are identical to a single-threaded decode (tests
+# compare against the twin). If they never meet, the first thread finishes
+# alone.
+cdef Py_ssize_t STREAM_SPLIT_MIN = 1 << 18
+# Records the first thread may write past the second thread's region start
+# before it gives up on the second thread's records.
+cdef enum:
+    SPLIT_GAP = 64
+
+
+def _set_stream_split_min(Py_ssize_t n):
+    """Testing hook: the stream size (bytes) from which decode_insns uses two threads."""
+    global STREAM_SPLIT_MIN
+    STREAM_SPLIT_MIN = n if n > 2 * SPLIT_GAP else 2 * SPLIT_GAP
+
+
+ctypedef struct stream_job:
+    const uint8_t* p
+    Py_ssize_t n
+    Py_ssize_t half
+    int mode
+    insn_rec* out
+    Py_ssize_t count
+    int st
+    Py_ssize_t err_start
+    Py_ssize_t err_pos
+
+
+cdef void* _stream_job_run(void* arg) noexcept nogil:
+    # Second half: decode p[start:n] with absolute offsets; restart one byte
+    # later while the very first instructions fail (the split landed inside
+    # an instruction).
+    cdef stream_job* j = <stream_job*>arg
+    cdef Py_ssize_t start = j.half, pos = 0, es = 0, ep = 0
+    cdef int st = ST_OK
+    while True:
+        j.count = _decode_stream(j.p + start, j.n - start, j.mode, j.out, j.n - start, start,
+                                 &st, &es, &ep, &pos)
+        if st == ST_OK or es > SPLIT_GAP or start - j.half >= SPLIT_GAP or start + es + 1 >= j.n:
+            break
+        start += es + 1
+    j.st = st
+    j.err_start = start + es
+    j.err_pos = start + ep
+    return NULL
+
+
+cdef Py_ssize_t _decode_stream_split(const uint8_t* p, Py_ssize_t n, int mode, insn_rec* out,
+                                     int* st, Py_ssize_t* err_start, Py_ssize_t* err_pos) noexcept nogil:
+    # out has room for n + SPLIT_GAP records. Same contract as _decode_stream
+    # over the whole input (limit n, base 0).
+    cdef Py_ssize_t pos = 0, c1, j = 0, stop = 0, tail, es = 0, ep = 0
+    cdef stream_job job
+    cdef pthread_t t
+    cdef insn_rec* t2
+    cdef int s
+    if n < STREAM_SPLIT_MIN or not MULTICORE:
+        return _decode_stream(p, n, mode, out, n, 0, st, err_start, err_pos, &pos)
+    job.p = p
+    job.n = n
+    job.half = n // 2
+    job.mode = mode
+    job.out = out + job.half + SPLIT_GAP     # room: n - half records
+    t2 = job.out
+    if pthread_create(&t, NULL, _stream_job_run, &job) != 0:
+        return _decode_stream(p, n, mode, out, n, 0, st, err_start, err_pos, &pos)
+    c1 = _decode_stream(p, n, mode, out, job.half, 0, st, err_start, err_pos, &pos)
+    pthread_join(t, NULL)
+    if st[0] != ST_OK:
+        return c1                            # an error in the first half ends the stream
+    while True:
+        if pos >= n:
+            st[0] = ST_OK
+            return c1
+        while j < job.count and t2[j].offset < pos:
+            j += 1
+        if j < job.count and t2[j].offset == pos:
+            # synchronised: the rest is the second thread's chain
+            memmove(out + c1, t2 + j, (job.count - j) * sizeof(insn_rec))
+            st[0] = job.st
+            err_start[0] = job.err_start
+            err_pos[0] = job.err_pos
+            return c1 + job.count - j
+        if j == job.count:
+            if job.st != ST_OK and job.err_start == pos:
+                st[0] = job.st               # its failing instruction is on our chain
+                err_start[0] = job.err_start
+                err_pos[0] = job.err_pos
+                return c1
+            break                            # nothing left to share
+        if c1 >= job.half:
+            break                            # about to overwrite the second region
+        s = decode_at(p + pos, n - pos, mode, out + c1, &stop)
+        if s != ST_OK:
+            st[0] = s
+            err_start[0] = pos
+            err_pos[0] = pos + stop
+            return c1
+        out[c1].offset = pos
+        pos += out[c1].length
+        c1 += 1
+    # no synchronisation: finish single-threaded
+    tail = _decode_stream(p + pos, n - pos, mode, out + c1, n - pos, pos, st, &es, &ep, &stop)
+    err_start[0] = pos + es
+    err_pos[0] = pos + ep
+    return c1 + tail
 
 
 cdef extern from *:
@@ -544,22 +686,6 @@ cdef Py_ssize_t _infos_kernel(const insn_rec* recs, const uint64_t* dx, bint dx_
 
 # ---------------------------------------------------------------- two-way split
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    int pthread_create(pthread_t* t, const void* attr, void* (*fn)(void*) noexcept nogil,
-                       void* arg)
-    int pthread_join(pthread_t t, void** ret)
-
-cdef extern from "<unistd.h>" nogil:
-    long sysconf(int name)
-    int _SC_NPROCESSORS_ONLN
-
-# Element-wise batch kernels over more than this many records run in two
-# halves, the second on a short-lived pthread (no OpenMP: nothing persists,
-# so a fork() in the user's program is safe). Results do not depend on it.
-cdef Py_ssize_t SPLIT_MIN = 1 << 20
-cdef bint MULTICORE = sysconf(_SC_NPROCESSORS_ONLN) > 1
 
 
 ctypedef struct quals_job:
@@ -754,12 +880,12 @@ def decode_insns(buffer, mode=64, *, on_error="raise"):
     cdef const uint8_t[::1] view = buf
     cdef Py_ssize_t n = view.shape[0], count = 0, err_start = 0, err_pos = 0
     cdef int st = ST_OK
-    out = np.empty(n, dtype=INSN_DTYPE)
+    out = np.empty(n + SPLIT_GAP, dtype=INSN_DTYPE)
     cdef insn_rec* recs = <insn_rec*>cnp.PyArray_DATA(out)
     cdef const uint8_t* p = &view[0] if n > 0 else NULL
     if n > 0:
         with nogil:
-            count = _decode_stream(p, n, m, recs, &st, &err_start, &err_pos)
+            count = _decode_stream_split(p, n, m, recs, &st, &err_start, &err_pos)
     if st < 0:
         raise AssertionError("tdxve debug build: decoder invariant broken")  # TDXVE_DEBUG only
     if st != ST_OK and not stop_on_error:

@@ -188,3 +188,29 @@ def test_stream_kernel_errors_match_twin(mode):
         for on_error in ("raise", "stop"):
             assert outcome(_core.decode_insns, data, mode, on_error=on_error) == \
                 outcome(_core_py.decode_insns, data, mode, on_error=on_error)
+
+
+@pytest.fixture
+def small_split():
+    """Make the compiled decode_insns use its two-thread path on small streams."""
+    _core._set_stream_split_min(200)
+    yield
+    _core._set_stream_split_min(1 << 18)
+
+
+@pytest.mark.parametrize("mode", [16, 32, 64])
+def test_two_thread_stream_split_matches_twin(small_split, mode):
+    """The split starts the second thread at n/2, usually inside an instruction;
+    records, errors and stop offsets must equal a single-threaded decode."""
+    rnd = random.Random(200 + mode)
+    for max_prefixes in (3, 14):
+        base = _valid_stream(rnd, 2_000, mode, max_prefixes)
+        for trial in range(25):
+            cut = rnd.randrange(len(base))
+            data = base[:cut] + rnd.choice([b"", b"\x90", b"\xe4", b"\xf0\xec", b"\x66" * 15]) + base[cut:]
+            for on_error in ("raise", "stop"):
+                assert outcome(_core.decode_insns, data, mode, on_error=on_error) == \
+                    outcome(_core_py.decode_insns, data, mode, on_error=on_error)
+    # a stream whose halves never synchronise is still decoded (first thread finishes alone)
+    data = b"\xe4" * 1001 + b"\xec"          # E4 E4 ... : imm8 chain, phase depends on the start
+    assert outcome(_core.decode_insns, data, mode) == outcome(_core_py.decode_insns, data, mode)
