@@ -5,6 +5,8 @@ Commands:
 * ``decode HEX… [--mode 16|32|64] [--dx PORT]`` – decode one port-I/O
   instruction and show the VE info the TDX module would report for it.
 * ``qual VALUE`` – explain an I/O exit qualification field by field.
+* ``demo [--profile P] [--path early|normal] [--string-io reject|emulate]
+  [--trace FILE]`` – run the demo guest under Unicorn (:mod:`tdxve.demo`).
 
 Expected failures (bad bytes, invalid qualifications) print one ``error:``
 line and exit with status 2; there is no traceback.
@@ -149,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("qual", help="explain an I/O exit qualification field by field")
     q.add_argument("value", help="the 64-bit exit qualification, e.g. 0x03fd0008")
     q.set_defaults(func=_cmd_qual)
+
+    # issue 5: the demo (tdxve/demo.py imports unicorn only when it runs).
+    from . import demo as _demo
+
+    dm = sub.add_parser("demo", help="run the demo guest under Unicorn through the TDX #VE path")
+    _demo.add_arguments(dm)
+    dm.set_defaults(func=_demo.command)
     return p
 
 

@@ -205,7 +205,7 @@ def _report_io(out: TextIO, run: GuestRun) -> None:
                      str(c.direct) if c.direct else "-"])
     rows.append(["", "total", "", str(sum(c.ves for c in stats.ports().values())),
                  str(sum(c.tdvmcalls for c in stats.ports().values())), str(stats.direct)])
-    _table(out, ["port", "device register", "dir", "#VEs", "TDVMCALLs", "direct"], rows, "llrrrr")
+    _table(out, ["port", "device register", "dir", "#VEs", "TDVMCALLs", "direct"], rows, "lllrrr")
     for reason, c in stats.exits().items():
         name = {12: "HLT", 10: "CPUID", 31: "RDMSR", 32: "WRMSR"}.get(reason, f"exit reason {reason}")
         out.write(f"  plus {c.ves} {name} #VE{'s' if c.ves != 1 else ''} "
