@@ -747,7 +747,7 @@ class UnicornAttachment:
                 pass
         if b.context is None:
             return
-        final = {k: v for k, v in b.final.items()}
+        final = {k: v for k, v in b.final.items() if k != "rflags"}
         if final:
             n = len(final)
             ids = (ctypes.c_int * n)(*[lib.snap_ids[_IDX[k]] for k in final])
@@ -758,6 +758,14 @@ class UnicornAttachment:
                 raise EmbedError("cannot write the handler's registers into the saved context")
         if lib.context_restore(self._h, b.context):
             raise EmbedError("uc_context_restore failed after a port-I/O barrier")
+        # A context saved inside a hook holds QEMU's in-execution EFLAGS: DF
+        # and the arithmetic flags live in env->df and the lazy cc_* fields,
+        # not in env->eflags, and the next uc_emu_start rebuilds them from
+        # env->eflags. Read the flags (computed from those fields) and write
+        # them back so they survive.
+        x86 = lib.x86
+        flags = b.final.get("rflags", self.uc.reg_read(x86.UC_X86_REG_EFLAGS)) & _U32
+        self.uc.reg_write(x86.UC_X86_REG_EFLAGS, flags)
 
     # ------------------------------------------------------------ run loop
     def _emu_stop(self) -> None:
