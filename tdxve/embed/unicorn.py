@@ -86,19 +86,20 @@ _SNAP_NAMES: tuple[str, ...] = GPR_NAMES + ("rip", "rflags", "fs_base", "gs_base
 _RIP, _RFLAGS, _FSB, _GSB = 16, 17, 18, 19
 _IDX = {name: i for i, name in enumerate(_SNAP_NAMES)}
 _BLANK = Regs()
+_TEMPLATES = tuple(Regs(mode=64, cpl=c) for c in range(4))
 
 
 def _to_regs(snap: Sequence[int], cpl: int) -> Regs:
     """A 64-bit-mode Regs holding the snapshot (unrolled: this runs per event)."""
-    r = _BLANK.copy()
-    r.mode = 64
-    r.cpl = cpl
+    r = _TEMPLATES[cpl].copy()
     (r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi,
      r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) = snap[:16]
     r.rip = snap[16]
     r.rflags = snap[17]
-    r.fs_base = snap[18]
-    r.gs_base = snap[19]
+    if snap[18]:
+        r.fs_base = snap[18]
+    if snap[19]:
+        r.gs_base = snap[19]
     return r
 
 
@@ -628,15 +629,14 @@ class UnicornAttachment:
         """Finish the instruction inside the hook if Unicorn's own completion
         can reproduce the handler's registers; None means a barrier is needed."""
         rip = snap[_RIP]
-        if after[_RIP] != (rip + insn.length) & U64_MASK:
+        if after[_RIP] != (rip + insn.length) & U64_MASK or after[17:] != snap[17:]:
             return None             # not retired normally (fixup, loop ...)
-        changed = {i for i in range(20) if after[i] != snap[i] and i != _RIP}
         mask = (1 << (8 * size)) - 1
         if not insn.is_string:
-            if not is_in:
-                return 0 if not changed else None
-            if changed - {0}:
+            if after[1:16] != snap[1:16]:
                 return None
+            if not is_in:
+                return 0 if after[0] == snap[0] else None
             rax = after[0]
             if size == 4:
                 # Unicorn zero-extends EAX (SDM Vol. 1 3.4.1.1); a profile that
@@ -645,6 +645,7 @@ class UnicornAttachment:
             if rax != snap[0]:
                 self._write_regs({"rax": rax})     # Unicorn then merges the same low bytes
             return rax & mask
+        changed = {i for i in range(16) if after[i] != snap[i]}
         # INS/OUTS: one #VE for the whole instruction (ref 2.2). Unicorn
         # still finishes the element it is in: pointer += +/-size and, with
         # REP, rCX -= 1 at the address size, then tests rCX for another
