@@ -290,6 +290,14 @@ def test_in_eax_result_reaches_the_code_behind_it(profile: str, rax: int, barrie
     assert att.barriers == barriers
 
 
+def test_barrier_resumes_under_a_timeout() -> None:
+    uc = new_uc(IN32)
+    att = attach(uc, Machine(profile="linux-2022"))
+    uc.emu_start(BASE, BASE + len(IN32) + 0x10, timeout=5_000_000)   # microseconds
+    r = att.registers()
+    assert r["rbx"] == 0xDEADBEEE12378086 and att.barriers == 1 and att.halted
+
+
 def test_barrier_with_an_instruction_count_stops_after_the_in() -> None:
     uc, att, err = run(IN32, Machine(profile="linux-2022"), count=100)
     assert err is None
@@ -420,6 +428,8 @@ def test_detach_restores_the_unicorn_instance() -> None:
     assert "emu_start" not in vars(uc) and "emu_stop" not in vars(uc)
     assert m.path == "early" and m.guest.memory is own_memory
     att.detach()                                          # idempotent
+    with pytest.raises(AttachError, match="detached"):
+        att.registers()
     uc.reg_write(X.UC_X86_REG_RAX, 0x11FF)
     uc.emu_start(BASE, BASE + 0x100)
     assert uc.reg_read(X.UC_X86_REG_RAX) == 0x1100         # Unicorn alone: IN reads 0

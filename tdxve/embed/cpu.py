@@ -175,8 +175,7 @@ class IoEvent(NamedTuple):
 
     :ivar rip: RIP of the instruction.
     :ivar mode: the decode mode (16, 32 or 64).
-    :ivar insn: the decoded instruction (None when the simulator reported
-        only one element of a direct string access).
+    :ivar insn: the decoded instruction.
     :ivar port: the port (imm8 or DX).
     :ivar is_in: IN/INS.
     :ivar size: access size in bytes.
@@ -192,7 +191,7 @@ class IoEvent(NamedTuple):
 
     rip: int
     mode: int
-    insn: IoInsn | None
+    insn: IoInsn
     port: int
     is_in: bool
     size: int

@@ -382,7 +382,6 @@ class UnicornAttachment:
         self._ctx_snap = self._new_context()      # 64-bit registers on non-64 instances
         self._ctx_barrier = self._new_context()
         self._ctx_read = _Batch(lib.snap_ids)
-        self._desc = ctypes.create_string_buffer(8)
         # Take over the machine: its guest's string I/O uses Unicorn memory.
         guest = machine.guest
         self._saved_memory = (guest.memory, getattr(machine, "memory", None))
@@ -461,7 +460,11 @@ class UnicornAttachment:
 
         Works on every instance, also UC_MODE_16/32 ones whose ``reg_read``
         refuses the 64-bit registers. Call it while emulation is stopped.
+
+        :raises AttachError: after :meth:`detach`.
         """
+        if not self._attached:
+            raise AttachError("registers() needs an attached instance; this one was detached")
         self._read_all()
         return dict(zip(_SNAP_NAMES, self._snapshot64()))
 
