@@ -214,15 +214,15 @@ def _report_io(out: TextIO, run: GuestRun) -> None:
     modes = run.attachment.modes
     if modes:
         seen = " -> ".join(f"{label} ({n})" for label, n in modes.items())
-        out.write(f"  CPU modes (port accesses in each): {seen}\n")
+        out.write(f"  CPU modes seen (port accesses in each):\n    {seen}\n")
     out.write("  #VE: 64-bit mode, through the guest's handler and TDG.VP.VMCALL<Instruction.IO>.\n"
               "  direct: real/protected mode, straight to the device (TDCALL exists only in\n"
               "  64-bit mode); Unicorn runs each element of a string instruction itself.\n")
 
 
 def _report_pci(out: TextIO, run: GuestRun, others: dict[str, GuestRun]) -> None:
-    out.write(f"  in eax, dx from port 0xcfc (PCI 00:00.0 dword 0 = 0x12378086), "
-              f"RAX preloaded with {PCI_RAX_PRELOAD:#018x}\n")
+    out.write(f"  in eax, dx from port 0xcfc (PCI 00:00.0 dword 0 = 0x12378086),\n"
+              f"  RAX preloaded with {PCI_RAX_PRELOAD:#018x} (the live measurement of ref 6.3)\n")
     chosen = run.machine.profile.name
     if run.pci_rax is not None:
         out.write(f"  profile {chosen!r} leaves RAX = {run.pci_rax:#018x}\n\n")
@@ -251,8 +251,8 @@ def _report_timing(out: TextIO, run: GuestRun) -> None:
     out.write(f"  decoder backend {BACKEND}; every event: Unicorn hook -> decode at RIP -> #VE ->\n"
               f"  guest handler -> TDVMCALL -> host -> device -> registers back into Unicorn\n")
     if run.attachment.barriers:
-        out.write(f"  {run.attachment.barriers} access(es) needed a barrier (an outcome Unicorn's own "
-                  f"IN/OUT completion cannot express, see docs/embedding.md)\n")
+        out.write(f"  {run.attachment.barriers} access(es) needed a barrier: an outcome Unicorn's own\n"
+                  f"  IN/OUT completion cannot express (see docs/embedding.md)\n")
 
 
 def _report_string_io(out: TextIO, run: GuestRun, string_io: str) -> None:
@@ -290,8 +290,8 @@ def report(out: TextIO, *, profile: str, path: str, string_io: str, trace: str |
     out.write(f"profile {profile}   path {path}   string I/O {string_io}   "
               f"decoder {BACKEND}   unicorn {_unicorn_version()}\n")
     run = run_guest(DEMO, profile=profile, path=path, string_io=string_io, log=log)
-    out.write(f"guest {DEMO.name}.S ({len(DEMO.code)} bytes at {DEMO.load_address:#x}): "
-              f"{DEMO.description}\n")
+    out.write(f"guest {DEMO.name}.S ({len(DEMO.code)} bytes at {DEMO.load_address:#x}):\n"
+              f"  {DEMO.description}\n")
     if run.fault is None:
         state = "halted (HLT)" if run.attachment.halted else f"stopped at {run.final_rip:#x}"
         out.write(f"result: {state}\n")
