@@ -403,9 +403,12 @@ def test_attach_argument_errors() -> None:
         attach(uc, object())
     with pytest.raises(AttachError, match="path"):
         attach(uc, Machine(), path="late")
-    att = attach(uc, Machine())
+    m = Machine()
+    att = attach(uc, m)
     with pytest.raises(AttachError, match="already attached"):
         attach(uc, Machine())
+    with pytest.raises(AttachError, match="another Unicorn instance"):
+        attach(new_uc(b"\xf4"), m)
     att.detach()
     with pytest.raises(AttachError, match="not attached"):
         detach(uc)

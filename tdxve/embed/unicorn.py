@@ -296,7 +296,8 @@ def attach(uc: Any, machine: Any, *, path: str | None = None) -> UnicornAttachme
         detaches on exit).
     :raises AttachError: not an x86 Unicorn instance, already attached, an
         IN hook already registered (it would shadow tdxve's), a machine
-        without ``execute``/``execute_exit``/``guest.memory``, or a bad ``path``.
+        without ``execute``/``execute_exit``/``guest.memory`` or already
+        attached to another instance, or a bad ``path``.
     :raises ImportError: unicorn is not installed.
     """
     lib = _Lib.get()
@@ -306,6 +307,9 @@ def attach(uc: Any, machine: Any, *, path: str | None = None) -> UnicornAttachme
         raise AttachError(f"attach needs an x86 Unicorn instance, got arch {uc.ctl_get_arch()}")
     if attachment_of(uc) is not None:
         raise AttachError("this Unicorn instance is already attached; detach it first")
+    if any(att.machine is machine for att in list(_ATTACHED.values())):
+        raise AttachError("this machine is attached to another Unicorn instance: its guest's memory "
+                          "and #VE state belong to one vCPU; give each instance its own Machine")
     for name in ("execute", "execute_exit"):
         if not callable(getattr(machine, name, None)):
             raise AttachError(f"machine must have {name}() (a tdxve.Machine), got {type(machine).__name__}")
