@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -33,20 +29,7 @@ from tdxve.regs import Regs
 from tdxve.tdx import TdxModule
 
 
-def load_helpers() -> ModuleType:
-    name = "_tdxve_ve_test_helpers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("test_machine_helpers.py"))
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-H = load_helpers()
+import ve_helpers as H  # noqa: E402  (tests/ is on pythonpath)
 KRIP = 0xFFFFFFFF81000ABC          # a kernel-text RIP
 
 

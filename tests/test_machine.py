@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,20 +26,7 @@ from tdxve.machine import DEFAULT_INSTR_LEN, Machine, Outcome
 from tdxve.regs import GPR_NAMES, Regs
 
 
-def load_helpers() -> ModuleType:
-    name = "_tdxve_ve_test_helpers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("test_machine_helpers.py"))
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-H = load_helpers()
+import ve_helpers as H  # noqa: E402  (tests/ is on pythonpath)
 RIP = 0xFFFFFFFF81000000
 FAIL = 0x8000000000000000
 U64 = 2**64 - 1

@@ -6,11 +6,6 @@ from the rule quoted next to them), never computed by the code under test.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -20,20 +15,7 @@ from tdxve.machine import Machine
 from tdxve.regs import Regs
 
 
-def load_helpers() -> ModuleType:
-    name = "_tdxve_ve_test_helpers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("test_machine_helpers.py"))
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-H = load_helpers()
+import ve_helpers as H  # noqa: E402  (tests/ is on pythonpath)
 RIP = 0xFFFFFFFF81234560
 A = 0xAAAAAAAAAAAAAAAA
 R11 = 0x5555555555555555

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -25,20 +21,7 @@ from tdxve.regs import GPR_NAMES, Regs
 from tdxve.tdx import TdxModule, VeInfo
 
 
-def load_helpers() -> ModuleType:
-    name = "_tdxve_ve_test_helpers"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("test_machine_helpers.py"))
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-H = load_helpers()
+import ve_helpers as H  # noqa: E402  (tests/ is on pythonpath)
 
 NO_VALID_VE_INFO = 0xC000070400000000       # ref 2.3, 2.7
 OPERAND_INVALID_RAX = 0xC000010000000000    # ref 2.1, 2.7

@@ -1,8 +1,8 @@
 """Test doubles shared by the #VE-model tests (no tests here).
 
-The other test files load this module by path (``load_helpers`` below is
-copied into each), because pytest's importlib mode does not make test
-modules importable from each other.
+Test files import it as ``import ve_helpers as H`` (``tests/`` is on
+pytest's ``pythonpath``; the name does not start with ``test_``, so pytest
+does not collect it).
 
 ``KvmHost`` is a host that follows KVM's ``tdx_emulate_io`` (ref 5.2)
 closely enough to test the guest against: size not in {1, 2, 4} or direction
