@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 
 import tdxve
 
@@ -22,11 +20,8 @@ def test_backend_matches_environment(pure_requested):
         assert compiled.__file__.endswith((".so", ".pyd"))
 
 
-def test_env_switch_selects_the_twin_in_a_fresh_interpreter():
-    site = os.path.dirname(os.path.dirname(tdxve.__file__))
-    env = dict(os.environ, TDXVE_PUREPYTHON="1", PYTHONPATH=site)
-    out = subprocess.run([sys.executable, "-c", "import tdxve; print(tdxve.BACKEND)"],
-                         env=env, capture_output=True, text=True, check=True, cwd="/")
+def test_env_switch_selects_the_twin_in_a_fresh_interpreter(run_python):
+    out = run_python("-c", "import tdxve; print(tdxve.BACKEND)", env={"TDXVE_PUREPYTHON": "1"})
     assert out.stdout.strip() == "python"
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -65,9 +62,6 @@ def test_qual_bad_value(capsys):
     assert run("qual", "nope")[0] == 2
 
 
-def test_python_dash_m_entry_point():
-    site = os.path.dirname(os.path.dirname(tdxve.__file__))
-    env = dict(os.environ, PYTHONPATH=site)
-    r = subprocess.run([sys.executable, "-m", "tdxve", "decode", "e4", "71"], capture_output=True,
-                       text=True, env=env, cwd="/")
+def test_python_dash_m_entry_point(run_python):
+    r = run_python("-m", "tdxve", "decode", "e4", "71", check=False)
     assert r.returncode == 0 and "in al, 0x71" in r.stdout and "0x0000000000710048" in r.stdout

@@ -10,9 +10,8 @@ traceback.
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,12 +137,11 @@ def test_without_unicorn_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
     assert "pip install 'tdxve[unicorn]'" in capsys.readouterr().err
 
 
-def test_python_m_tdxve_demo() -> None:
+def test_python_m_tdxve_demo(run_python: Any) -> None:
     from tdxve import cli
 
     if "demo" not in cli.build_parser().format_help():
         pytest.skip("the demo subcommand is not wired into tdxve.cli yet")
-    r = subprocess.run([sys.executable, "-m", "tdxve", "demo", "--profile", "linux-2022"],
-                       capture_output=True, text=True, check=True)
+    r = run_python("-m", "tdxve", "demo", "--profile", "linux-2022")
     assert "profile 'linux-2022' leaves RAX = 0xdeadbeee12378086" in r.stdout
     assert r.stderr == ""

@@ -10,7 +10,6 @@ sections of shared/reference/tdx-port-io.md; "anchors 2.1" is Unicorn.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from typing import Any
 
@@ -439,9 +438,9 @@ def test_detach_restores_the_unicorn_instance() -> None:
     assert att.stats.ves == 2
 
 
-def test_importing_tdxve_does_not_import_unicorn() -> None:
+def test_importing_tdxve_does_not_import_unicorn(run_python: Any) -> None:
     code = ("import sys, tdxve, tdxve.embed, tdxve.guests, tdxve.demo;"
             "assert 'unicorn' not in sys.modules, sorted(m for m in sys.modules if 'unicorn' in m);"
             "import tdxve.embed as e; assert callable(e.unicorn.attach);"
             "assert 'unicorn' not in sys.modules  # imported on the first attach")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python("-c", code)
