@@ -294,3 +294,60 @@ EXIT_INFO_DTYPE = np.dtype(
         "itemsize": 16,
     }
 )
+
+
+# --------------------------------------------------------------------------
+# Batch replay (issue 6; tdxve.replay). Layouts mirror the structs in
+# tdxve/_replay.pxi, which checks the sizes at import.
+# --------------------------------------------------------------------------
+#: One port-I/O event for :func:`tdxve.replay.replay`, 32 bytes: the VE info
+#: the TDX module reports (``exit_qual``, ``instr_len``; exit reason 30),
+#: RAX before the instruction, and ``reply``, what a port no device model
+#: serves answers (instead of all-ones) when replaying with
+#: ``unassigned="reply"``. Bytes 28-31 are reserved (write 0).
+EVENT_DTYPE = np.dtype(
+    {
+        "names": ["exit_qual", "rax", "reply", "instr_len"],
+        "formats": ["<u8", "<u8", "<u8", "<u4"],
+        "offsets": [0, 8, 16, 24],
+        "itemsize": 32,
+    }
+)
+
+#: What :func:`tdxve.replay.replay` returns per event, 48 bytes: ``rax``
+#: after the event, ``r15`` what the last OUT TDVMCALL sent (0 when none),
+#: ``r11`` and ``status`` the R11 / R10 the guest got back from the last
+#: TDVMCALL (0 when none), ``rip_delta`` how far RIP moved (``instr_len`` on
+#: success, 0 on failure), ``ves`` the #VEs delivered, ``tdvmcalls`` the
+#: TDG.VP.VMCALLs made, ``fault`` a :class:`ReplayFault`. Bytes 41-47 are
+#: reserved (0).
+RESULT_DTYPE = np.dtype(
+    {
+        "names": ["rax", "r15", "r11", "status", "rip_delta", "ves", "tdvmcalls", "fault"],
+        "formats": ["<u8", "<u8", "<u8", "<u8", "<u4", "<u2", "<u2", "u1"],
+        "offsets": [0, 8, 16, 24, 32, 36, 38, 40],
+        "itemsize": 48,
+    }
+)
+
+
+class ReplayFault(IntEnum):
+    """``RESULT_DTYPE["fault"]``: how a replayed event ended (docs/replay.md).
+
+    The exception :meth:`tdxve.machine.Machine.execute_exit` raises for the
+    same event is :class:`~tdxve.errors.VeFault` on the normal path and
+    :class:`~tdxve.errors.EarlyPanic` on the early path for ``IO_FAILED`` and
+    ``STRING_IO`` (``.reason`` ``"io-failed"`` / ``"string-io"``),
+    :class:`~tdxve.errors.VeLoopError` for ``VE_LOOP`` and
+    :class:`~tdxve.errors.GuestPanic` (``"tdvmcall-failed"``) for
+    ``GUEST_PANIC``.
+    """
+
+    NONE = 0            # RIP advanced by instr_len
+    IO_FAILED = 1       # the TDVMCALL returned R10 != 0 (ref 1.4, 1.6, 1.7)
+    STRING_IO = 2       # exit-qualification bit 4: Linux's handle_io returns -EIO (ref 1.8)
+    VE_LOOP = 3         # linux-5.19-rc early path: RIP never advances (ref 1.1)
+    GUEST_PANIC = 4     # the TDVMCALL's TDCALL itself failed (bad RCX mask; ref 1.10, 2.4)
+
+
+__all__ += ["EVENT_DTYPE", "RESULT_DTYPE", "ReplayFault"]

@@ -192,3 +192,65 @@ class AttachError(EmbedError, InvalidArgumentError):
 
 
 __all__ += ["EmbedError", "AttachError"]
+
+
+# ---------------------------------------------------------------- batch replay (issue 6)
+class ReplayError(TdxveError):
+    """The batch replay engine (:func:`tdxve.replay.replay`) cannot run or continue,
+    e.g. the same machine is already being replayed by another thread."""
+
+
+class ReplayUnsupportedError(ReplayError, InvalidArgumentError):
+    """``replay`` refuses this machine or these events: a configuration whose
+    behaviour a batch of port-I/O events cannot reproduce (emulated string I/O,
+    an exception-table entry, a pending #VE, a subclass overriding the #VE
+    path...); the message names the setting."""
+
+
+class TraceFormatError(TdxveError, ValueError):
+    """A ``kvm_pio`` trace line that cannot be parsed.
+
+    ``lineno`` is the 1-based line number, ``line`` the offending text.
+    """
+
+    def __init__(self, message: str, *, lineno: int = 0, line: str = "") -> None:
+        super().__init__(message)
+        self.lineno = lineno
+        self.line = line
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_trace_error, (type(self), self.args[0], self.lineno, self.line))
+
+
+def _rebuild_trace_error(cls: type[TraceFormatError], msg: str, lineno: int, line: str) -> TraceFormatError:
+    return cls(msg, lineno=lineno, line=line)
+
+
+__all__ += ["ReplayError", "ReplayUnsupportedError", "TraceFormatError"]
+
+
+# ---------------------------------------------------------------- invariants (issue 7)
+class InvariantViolation(TdxveError, AssertionError):
+    """A property tdxve guarantees did not hold: a bug in tdxve or in a part plugged into it.
+
+    Raised by the checks in :mod:`tdxve.invariants` (used by the fuzz
+    harnesses and property tests); never by the emulation itself.
+    ``invariant`` names the broken rule, ``details`` holds the values that
+    show it.
+    """
+
+    def __init__(self, message: str, *, invariant: str = "", details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.invariant = invariant
+        self.details: dict[str, Any] = dict(details or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_invariant_violation, (type(self), self.args[0], self.invariant, self.details))
+
+
+def _rebuild_invariant_violation(cls: type[InvariantViolation], msg: str, invariant: str,
+                                 details: dict[str, Any]) -> InvariantViolation:
+    return cls(msg, invariant=invariant, details=details)
+
+
+__all__ += ["InvariantViolation"]
