@@ -19,6 +19,11 @@ Rules (QEMU ``system/ioport.c`` and ``docs/devel/memory.rst``; anchors 2.3):
   port 0xFFFF (the port space does not wrap) read as 0xFF and are dropped on
   write. ``bus.splits`` counts accesses served in pieces, ``bus.unassigned``
   accesses that touched at least one byte no device served.
+* **Unassigned reply** (for trace replay, issue 6): with
+  ``bus.unassigned_reply`` set to an int, every byte no device serves reads
+  as the byte of that value at the same offset of the access (byte ``k`` of
+  an access is ``(unassigned_reply >> 8*k) & 0xFF``) instead of 0xFF; writes
+  are still dropped. ``None`` (default) is QEMU's all-ones.
 * **Device values**: a device's ``read`` must return an int; only the low
   ``size`` bytes are used (as KVM's and QEMU's PIO layers copy ``size``
   bytes). Anything that is not an int is a device error.
@@ -127,6 +132,23 @@ class PortBus:
         self.stats = PortStats()
         #: Event log for direct accesses (shared with the Host when it owns the bus).
         self.log: EventLog | None = None
+        self._unassigned_reply: int | None = None
+
+    @property
+    def unassigned_reply(self) -> int | None:
+        """What bytes no device serves read as: None = all-ones (QEMU), or an
+        int in ``[0, 2**64)`` whose byte ``k`` answers byte ``k`` of the
+        access (module docstring). Writes to such bytes are dropped either way.
+
+        :raises InvalidArgumentError: (setter) neither None nor such an int.
+        """
+        return self._unassigned_reply
+
+    @unassigned_reply.setter
+    def unassigned_reply(self, value: int | None) -> None:
+        if value is not None and (type(value) is not int or not 0 <= value < 1 << 64):
+            raise InvalidArgumentError(f"unassigned_reply must be None or an int in [0, 2**64), got {value!r}")
+        self._unassigned_reply = value
 
     # ------------------------------------------------------------ configuration
     def register(self, first_port: int, count: int, device: PortDevice, *,
@@ -257,7 +279,8 @@ class PortBus:
             return v & _MASK[size]
         if s is None and self._all_unassigned(port, size):
             self.unassigned += 1
-            return _MASK[size]
+            r = self._unassigned_reply
+            return _MASK[size] if r is None else r & _MASK[size]
         return self._read_split(port, size)
 
     def _write(self, port: int, size: int, value: int) -> None:
@@ -308,9 +331,10 @@ class PortBus:
         self.splits += 1
         value = 0
         missed = False
+        reply = self._unassigned_reply
         for off, n, s in self._pieces(port, size):
             if s is None:
-                v = 0xFF
+                v = 0xFF if reply is None else (reply >> (8 * off)) & 0xFF
                 missed = True
             else:
                 try:
