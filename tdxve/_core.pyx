@@ -63,6 +63,7 @@ __all__ = [
     "BACKEND",
     "decode_exit_qual", "encode_exit_qual", "decode_exit_quals",
     "decode_insn", "decode_insns", "exit_info", "exit_infos",
+    "replay_kernel",
 ]
 
 BACKEND = "cython"
@@ -981,3 +982,5 @@ def exit_infos(insns, dx=0):
     if bad >= 0:
         C.bad_insn_record(bad, recs[bad])
     return out
+
+include "_replay.pxi"

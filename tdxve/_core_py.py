@@ -34,11 +34,13 @@ from .abi import (
     Segment,
 )
 from .errors import ExitQualError
+from ._replay_py import replay_kernel  # noqa: F401  batch #VE replay kernel (issue 6)
 
 __all__ = [
     "BACKEND",
     "decode_exit_qual", "encode_exit_qual", "decode_exit_quals",
     "decode_insn", "decode_insns", "exit_info", "exit_infos",
+    "replay_kernel",
 ]
 
 BACKEND = "python"
@@ -233,8 +235,10 @@ _SEGMENTS = tuple(Segment)
 
 def _to_insn(rec: _Rec) -> IoInsn:
     kind, size, port, rep, addr, segment, length = rec
-    return IoInsn(_KINDS[kind], size, None if port < 0 else port, rep != 0, addr,
-                  None if segment < 0 else _SEGMENTS[segment], length, rep)
+    # int()/bool(): bytes read from a numpy buffer are numpy scalars; IoInsn
+    # holds Python ints and bools, as the compiled core returns them.
+    return IoInsn(_KINDS[kind], size, None if port < 0 else int(port), bool(rep != 0), addr,
+                  None if segment < 0 else _SEGMENTS[segment], length, int(rep))
 
 
 def decode_insn(code: Any, mode: int = 64) -> IoInsn:

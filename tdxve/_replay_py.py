@@ -1,0 +1,728 @@
+"""Pure-Python twin of the compiled replay kernel (``tdxve/_replay.pxi``).
+
+:func:`replay_kernel` runs port-I/O events through the whole #VE round trip
+the way :meth:`tdxve.machine.Machine.execute_exit` does, but on flat arrays
+prepared by :mod:`tdxve.replay` (the *plan*), so that the compiled twin can
+run it without the GIL. This module is the readable specification; the
+compiled kernel implements the same steps in the same order on the same
+arrays (``tests/test_replay_kernel.py`` compares every array they touch).
+"ref N.M" are sections of ``shared/reference/tdx-port-io.md``.
+
+One event (exit reason 30, kernel mode, 64-bit):
+
+1. #VE, VEINFO.GET (ref 2.2, 2.3): counted; never fails here.
+2. Linux ``handle_io`` on the low 32 bits of the qualification (ref 1.3,
+   1.4): size = bits 2:0 + 1 (unvalidated), IN = bit 3, port = bits 31:16;
+   string bit -> -EIO.
+3. Port filter (Intel's hardened guest, ref 1.11): a denied IN merges
+   all-ones, a denied OUT is dropped, no TDVMCALL.
+4. TDG.VP.VMCALL<Instruction.IO> (ref 2.5): R15 = the profile's OUT data;
+   either the compiled host (KVM ``tdx_emulate_io``, ref 5.2: size/direction
+   check, 16-bit port, bus dispatch with QEMU's rules) or a callback to the
+   Python host.
+5. The profile's RAX merge (ref 1.4), then RIP += instr_len, a fault code, or
+   -- on the linux-5.19-rc early path -- the same #VE again until
+   ``ve_loop_limit`` (ref 1.1).
+
+The plan (built by :class:`tdxve.replay.Replayer`) carries: ``cfg`` (int64,
+``CFG_*``), ``filter`` (uint8[65536]), ``slots`` (int32[65536]: range index
+or -1), ``ranges`` (int64[n, 4]: first, last, size mask, device), ``dstate``
+(uint64[n, 16]: compiled device state, ``W_*``), ``bufs`` (list of uint8
+arrays shared with the device objects), ``pcifn`` (int64[n, 5]: PCI
+functions), ``stats`` (uint64, ``S_*``), ``ports`` (uint64[65536 * 4]:
+reads, writes, read bytes, write bytes), ``outbuf`` (uint32: device << 8 |
+byte, for UART/POST/debugcon output), ``logbuf`` (int64[n, 6]: one row per
+host event log record) and ``callback(op, a, b, c, d) -> int`` for
+everything that needs Python (``CB_*``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["replay_kernel"]
+
+U64 = (1 << 64) - 1
+U32 = 0xFFFFFFFF
+_MASK = (0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF)
+INVALID_OPERAND = 0x8000000000000000    # TDVMCALL_STATUS_INVALID_OPERAND (ref 2.6)
+IO_SUBFN = 30                           # R11 the guest passes; KVM leaves it on OUT (ref 5.2)
+
+# ---- plan layout (the compiled kernel checks these values at import)
+# cfg
+CFG_MERGE = 0           # MERGE_*
+CFG_EARLY = 1           # 1: do_early_exception path (ref 1.7)
+CFG_ADVANCE = 2         # early path advances RIP (0: linux-5.19-rc)
+CFG_LOOP = 3            # Machine.ve_loop_limit
+CFG_HOST = 4            # HOST_*
+CFG_REPLY_MODE = 5      # 0: CFG_REPLY_CONST for every event, 1: the event's reply
+CFG_REPLY_CONST = 6     # what unassigned bytes read as (0xFFFFFFFF = QEMU's all-ones)
+CFG_FILTER = 7          # 1: plan.filter applies
+CFG_LOG = 8             # 1: write host event-log rows into logbuf
+CFG_OUTCAP = 9          # rows of outbuf
+CFG_LOGCAP = 10         # rows of logbuf
+NCFG = 11
+
+MERGE_2022 = 0          # GENMASK(8*size, 0), no 32-bit zero extension (ref 1.4)
+MERGE_LINUX = 1         # insn_assign_reg (ref 1.4, July 2026)
+MERGE_ARCH = 2          # hardware IN/OUT
+
+HOST_COMPILED = 0       # tdxve.host.Host semantics in the kernel
+HOST_PYTHON = 1         # every TDVMCALL through callback(CB_TDVMCALL, ...)
+
+# stats
+S_NEXT = 0              # index of the event a callback failed in
+S_VES = 1               # #VEs delivered (= VEINFO.GET calls)
+S_VMCALLS = 2           # TDG.VP.VMCALLs that reached the host
+S_TDCALLS = 3           # of those, the TDCALLs that completed (compiled host)
+S_IO_CALLS = 4          # Host.stats.calls[30] (compiled host)
+S_INVALID = 5           # Host.stats.failures[INVALID_OPERAND] (compiled host)
+S_UNASSIGNED = 6        # PortBus.unassigned
+S_SPLITS = 7            # PortBus.splits
+S_OUT_N = 8             # rows used in outbuf
+S_LOG_N = 9             # rows used in logbuf
+S_LAST = 10             # 1 + index of the last event that took a #VE (0: none)
+S_CB_R10 = 11           # CB_TDVMCALL results
+S_CB_R11 = 12
+NSTAT = 13
+
+# device kinds (dstate[d, W_KIND])
+DEV_PY = 0
+DEV_LATCH = 1
+DEV_SINK = 2
+DEV_UART = 3
+DEV_POST = 4
+DEV_DEBUGCON = 5
+DEV_CMOS = 6
+DEV_PCI = 7
+NWORDS = 16
+W_KIND = 0
+W_DIRTY = 1             # scalar state changed since the last sync to the object
+# LATCH: value, writable
+W_LATCH_VALUE = 2
+W_LATCH_WRITABLE = 3
+# SINK: readback, reads, writes, bytes read, bytes written
+W_SINK_READBACK = 2
+W_SINK_READS = 3
+W_SINK_WRITES = 4
+W_SINK_RBYTES = 5
+W_SINK_WBYTES = 6
+# UART (16550A register file)
+W_UART_BASE = 2
+W_UART_IER = 3
+W_UART_LCR = 4
+W_UART_MCR = 5
+W_UART_FCR = 6
+W_UART_SCR = 7
+W_UART_DLL = 8
+W_UART_DLM = 9
+W_UART_RBR = 10
+W_UART_THR_IPENDING = 11
+W_UART_MSR_DELTA = 12
+W_UART_MODEM_LINES = 13
+W_UART_RX_LEN = 14
+W_UART_ON_TX = 15
+# POST / debugcon: a Python callback on output
+W_POST_ON_CODE = 2
+W_DCON_READBACK = 2
+W_DCON_ON_WRITE = 3
+# CMOS
+W_CMOS_BASE = 2
+W_CMOS_INDEX = 3
+W_CMOS_NMI = 4
+W_CMOS_BUF = 5
+# PCI configuration mechanism #1
+W_PCI_BASE = 2
+W_PCI_ADDR = 3
+W_PCI_RCR = 4
+W_PCI_RESETS = 5
+W_PCI_FN0 = 6           # first row of this host's functions in pcifn (sorted by bdf)
+W_PCI_NFN = 7
+W_PCI_CACHE_ADDR = 8    # CONFIG_ADDRESS of the cached target (U64: none)
+W_PCI_CACHE_ROW = 9     # pcifn row of the cached target (U64: no function)
+# pcifn columns
+F_BDF = 0
+F_CONFIG = 1
+F_WMASK = 2
+F_W1C = 3
+F_COMPILED = 4
+
+# callback ops: callback(op, a, b, c, d) -> int
+CB_READ = 1             # (device, port, size, 0) -> value | CB_ERROR, -2 DeviceError, -1 other
+CB_WRITE = 2            # (device, port, size, value) -> 0 | CB_ERROR, -2, -1
+CB_TDVMCALL = 3         # (size, direction, port, r15) -> 0 (S_CB_R10/R11 set), 1 TDCALL failed, -1
+CB_ERROR = 1 << 32      # the bus recorded a device error (on_device_error="record")
+
+# fault codes (tdxve.abi.ReplayFault)
+FAULT_NONE = 0
+FAULT_IO_FAILED = 1
+FAULT_STRING_IO = 2
+FAULT_VE_LOOP = 3
+FAULT_GUEST_PANIC = 4
+
+# MC146818 registers the compiled CMOS leaves to Python (they read the clock)
+_CMOS_TIME = frozenset((0, 2, 4, 6, 7, 8, 9, 0x32))
+_CMOS_A, _CMOS_B, _CMOS_C, _CMOS_D, _CMOS_IBM_CENTURY = 0x0A, 0x0B, 0x0C, 0x0D, 0x37
+
+
+class _Abort(Exception):
+    """A callback failed: the kernel stops (internal)."""
+
+
+class _Py(Exception):
+    """A compiled device leaves this access to Python (internal)."""
+
+
+# ==========================================================================
+# Guest: the profile's RAX merge and OUT data (tdxve.guest, ref 1.4, 6.2)
+# ==========================================================================
+def _genmask(h: int) -> int:
+    # GENMASK(h, 0) as compiled x86 code computes it; h = 64 shifts by -1 & 63.
+    return U64 >> ((63 - h) & 63)
+
+
+def _merge(kind: int, rax: int, value: int, size: int, ok: bool) -> int:
+    if kind == MERGE_2022:
+        mask = _genmask(8 * size)
+        rax &= ~mask & U64
+        if ok:
+            rax |= value & mask
+        return rax
+    if kind == MERGE_LINUX:
+        v = value if ok else 0
+        if size == 1:
+            return (rax & ~0xFF & U64) | (v & 0xFF)
+        if size == 2:
+            return (rax & ~0xFFFF & U64) | (v & 0xFFFF)
+        if size == 4:
+            return v & U32
+        if size == 8:
+            return v & U64
+        return rax
+    if not ok:
+        return rax
+    if size == 4:
+        return value & U32
+    if size >= 8:
+        return value & U64
+    mask = (1 << (8 * size)) - 1
+    return (rax & ~mask & U64) | (value & mask)
+
+
+def _out_data(kind: int, rax: int, size: int) -> int:
+    if kind == MERGE_2022:
+        return rax & _genmask(8 * size)
+    return rax & ((1 << (8 * size)) - 1) & U64
+
+
+# ==========================================================================
+# Compiled device forms (tdxve.devices; same state, same rules)
+# ==========================================================================
+def _uart_lines(w: Any) -> int:
+    m = int(w[W_UART_MCR])
+    if m & 0x10:                    # loopback wiring: CTS=RTS, DSR=DTR, RI=OUT1, DCD=OUT2
+        return ((0x10 if m & 0x02 else 0) | (0x20 if m & 0x01 else 0)
+                | (0x40 if m & 0x04 else 0) | (0x80 if m & 0x08 else 0))
+    return int(w[W_UART_MODEM_LINES])
+
+
+def _uart_iir(w: Any) -> int:
+    fifo = 0xC0 if int(w[W_UART_FCR]) & 0x01 else 0
+    ier = int(w[W_UART_IER])
+    if ier & 0x01 and int(w[W_UART_RX_LEN]):
+        return fifo | 0x04
+    if ier & 0x02 and int(w[W_UART_THR_IPENDING]):
+        return fifo | 0x02
+    if ier & 0x08 and int(w[W_UART_MSR_DELTA]):
+        return fifo
+    return fifo | 0x01
+
+
+def _pci_target(plan: Any, w: Any) -> int:
+    # pcifn row addressed by CONFIG_ADDRESS, -1 for none (enable clear or no function).
+    a = int(w[W_PCI_ADDR])
+    if a == int(w[W_PCI_CACHE_ADDR]):
+        row = int(w[W_PCI_CACHE_ROW])
+        return -1 if row == U64 else row
+    row = -1
+    if a & 0x80000000:
+        key = (a >> 8) & 0xFFFF     # bus 23:16, device 15:11, function 10:8
+        lo = int(w[W_PCI_FN0])
+        hi = lo + int(w[W_PCI_NFN])
+        fn = plan.pcifn
+        while lo < hi:
+            mid = (lo + hi) // 2
+            k = int(fn[mid, F_BDF])
+            if k == key:
+                row = mid
+                break
+            if k < key:
+                lo = mid + 1
+            else:
+                hi = mid
+    w[W_PCI_CACHE_ADDR] = a
+    w[W_PCI_CACHE_ROW] = U64 if row < 0 else row
+    return row
+
+
+def _out(plan: Any, dev: int, byte: int) -> None:
+    n = int(plan.stats[S_OUT_N])
+    plan.outbuf[n] = (dev << 8) | byte
+    plan.stats[S_OUT_N] = n + 1
+
+
+def _dev_read(plan: Any, dev: int, port: int, size: int) -> int:
+    # Raises _Py when Python must serve this access.
+    w = plan.dstate[dev]
+    kind = int(w[W_KIND])
+    if kind == DEV_LATCH:
+        return int(w[W_LATCH_VALUE])
+    if kind == DEV_SINK:
+        w[W_SINK_READS] += 1
+        w[W_SINK_RBYTES] += size
+        w[W_DIRTY] = 1
+        return int(w[W_SINK_READBACK])
+    if kind == DEV_UART:
+        off = port - int(w[W_UART_BASE])
+        dlab = int(w[W_UART_LCR]) & 0x80
+        if off == 0:
+            if dlab:
+                return int(w[W_UART_DLL])
+            if int(w[W_UART_RX_LEN]):
+                raise _Py
+            return 0 if int(w[W_UART_FCR]) & 0x01 else int(w[W_UART_RBR])
+        if off == 1:
+            return int(w[W_UART_DLM]) if dlab else int(w[W_UART_IER])
+        if off == 2:
+            v = _uart_iir(w)
+            if v & 0x0F == 0x02:    # reading IIR = THRE clears that source
+                w[W_UART_THR_IPENDING] = 0
+                w[W_DIRTY] = 1
+            return v
+        if off == 3:
+            return int(w[W_UART_LCR])
+        if off == 4:
+            return int(w[W_UART_MCR])
+        if off == 5:                # LSR: THRE | TEMT, DR while bytes wait
+            return 0x60 | (1 if int(w[W_UART_RX_LEN]) else 0)
+        if off == 6:
+            v = _uart_lines(w) | int(w[W_UART_MSR_DELTA])
+            if int(w[W_UART_MSR_DELTA]):
+                w[W_UART_MSR_DELTA] = 0
+                w[W_DIRTY] = 1
+            return v
+        return int(w[W_UART_SCR])
+    if kind == DEV_POST:
+        return 0xFF
+    if kind == DEV_DEBUGCON:
+        return int(w[W_DCON_READBACK])
+    if kind == DEV_CMOS:
+        if port == int(w[W_CMOS_BASE]):
+            return 0xFF
+        i = int(w[W_CMOS_INDEX])
+        if i == _CMOS_IBM_CENTURY or i in _CMOS_TIME or i == _CMOS_A:
+            raise _Py               # the clock is read
+        data = plan.bufs[int(w[W_CMOS_BUF])]
+        v = int(data[i])
+        if i == _CMOS_C:
+            data[i] = 0             # status C is cleared by reads
+        return v
+    if kind == DEV_PCI:
+        off = port - int(w[W_PCI_BASE])
+        if off >= 4:
+            row = _pci_target(plan, w)
+            if row < 0:
+                return _MASK[size]  # master abort
+            cfg = plan.bufs[int(plan.pcifn[row, F_CONFIG])]
+            o = (int(w[W_PCI_ADDR]) & 0xFC) + off - 4
+            v = 0
+            for k in range(size):
+                v |= int(cfg[o + k]) << (8 * k)
+            return v
+        if off == 0 and size == 4:
+            return int(w[W_PCI_ADDR])
+        if off == 1 and size == 1:
+            return int(w[W_PCI_RCR])
+        return _MASK[size]
+    raise _Py
+
+
+def _dev_write(plan: Any, dev: int, port: int, size: int, value: int) -> None:
+    w = plan.dstate[dev]
+    kind = int(w[W_KIND])
+    if kind == DEV_LATCH:
+        if int(w[W_LATCH_WRITABLE]):
+            w[W_LATCH_VALUE] = value
+            w[W_DIRTY] = 1
+        return
+    if kind == DEV_SINK:
+        w[W_SINK_WRITES] += 1
+        w[W_SINK_WBYTES] += size
+        w[W_DIRTY] = 1
+        return
+    if kind == DEV_UART:
+        off = port - int(w[W_UART_BASE])
+        v = value & 0xFF
+        dlab = int(w[W_UART_LCR]) & 0x80
+        if off == 0:
+            if dlab:
+                w[W_UART_DLL] = v
+            elif int(w[W_UART_MCR]) & 0x10 or int(w[W_UART_ON_TX]):
+                raise _Py           # loopback feeds the receiver; on_tx is Python
+            else:
+                _out(plan, dev, v)
+                w[W_UART_THR_IPENDING] = 1
+            w[W_DIRTY] = 1
+            return
+        if off == 1:
+            if dlab:
+                w[W_UART_DLM] = v
+            else:
+                old = int(w[W_UART_IER])
+                w[W_UART_IER] = v & 0x0F
+                if v & 0x02 and not old & 0x02:
+                    w[W_UART_THR_IPENDING] = 1
+            w[W_DIRTY] = 1
+            return
+        if off == 2:
+            raise _Py               # FCR resets the receiver
+        if off == 3:
+            w[W_UART_LCR] = v
+            w[W_DIRTY] = 1
+            return
+        if off == 4:
+            old = _uart_lines(w)
+            w[W_UART_MCR] = v & 0x1F
+            new = _uart_lines(w)
+            changed = old ^ new
+            d = ((0x01 if changed & 0x10 else 0) | (0x02 if changed & 0x20 else 0)
+                 | (0x04 if old & 0x40 and not new & 0x40 else 0) | (0x08 if changed & 0x80 else 0))
+            w[W_UART_MSR_DELTA] = int(w[W_UART_MSR_DELTA]) | d
+            w[W_DIRTY] = 1
+            return
+        if off == 7:
+            w[W_UART_SCR] = v
+            w[W_DIRTY] = 1
+        return                      # LSR, MSR: ignored
+    if kind == DEV_POST:
+        if int(w[W_POST_ON_CODE]):
+            raise _Py
+        _out(plan, dev, value & 0xFF)
+        return
+    if kind == DEV_DEBUGCON:
+        if int(w[W_DCON_ON_WRITE]):
+            raise _Py
+        _out(plan, dev, value & 0xFF)
+        return
+    if kind == DEV_CMOS:
+        v = value & 0xFF
+        if port == int(w[W_CMOS_BASE]):
+            w[W_CMOS_INDEX] = v & 0x7F
+            w[W_CMOS_NMI] = v >> 7
+            w[W_DIRTY] = 1
+            return
+        i = int(w[W_CMOS_INDEX])
+        if i == _CMOS_IBM_CENTURY or i in _CMOS_TIME or i == _CMOS_A or i == _CMOS_B:
+            raise _Py               # the clock is read or restarted
+        if i == _CMOS_C or i == _CMOS_D:
+            return                  # read-only
+        plan.bufs[int(w[W_CMOS_BUF])][i] = v
+        return
+    if kind == DEV_PCI:
+        off = port - int(w[W_PCI_BASE])
+        if off >= 4:
+            row = _pci_target(plan, w)
+            if row < 0:
+                return
+            f = plan.pcifn[row]
+            if not int(f[F_COMPILED]):
+                raise _Py
+            cfg = plan.bufs[int(f[F_CONFIG])]
+            wm = plan.bufs[int(f[F_WMASK])]
+            w1c = plan.bufs[int(f[F_W1C])]
+            o = (int(w[W_PCI_ADDR]) & 0xFC) + off - 4
+            for k in range(size):
+                b = (value >> (8 * k)) & 0xFF
+                m = int(wm[o + k])
+                cfg[o + k] = ((int(cfg[o + k]) & ~m) | (b & m)) & ~(b & int(w1c[o + k])) & 0xFF
+            return
+        if off == 0 and size == 4:
+            w[W_PCI_ADDR] = value & 0x80FFFFFC
+            w[W_DIRTY] = 1
+        elif off == 1 and size == 1:
+            if value & 0x04:        # RST_CPU: a reset request, RCR unchanged
+                w[W_PCI_RESETS] += 1
+            else:
+                w[W_PCI_RCR] = value & 0x02
+            w[W_DIRTY] = 1
+        return
+    raise _Py
+
+
+# ==========================================================================
+# The bus (tdxve.host.PortBus: QEMU's rules) and the host (KVM tdx_emulate_io)
+# ==========================================================================
+def _piece_read(plan: Any, dev: int, port: int, size: int, err: list[int]) -> int:
+    try:
+        return _dev_read(plan, dev, port, size) & _MASK[size]
+    except _Py:
+        pass
+    r = int(plan.callback(CB_READ, dev, port, size, 0))
+    if r < 0:
+        err[1] = r
+        raise _Abort
+    if r & CB_ERROR:
+        err[0] = 1
+    return r & U32
+
+
+def _piece_write(plan: Any, dev: int, port: int, size: int, value: int, err: list[int]) -> None:
+    try:
+        _dev_write(plan, dev, port, size, value)
+        return
+    except _Py:
+        pass
+    r = int(plan.callback(CB_WRITE, dev, port, size, value))
+    if r < 0:
+        err[1] = r
+        raise _Abort
+    if r & CB_ERROR:
+        err[0] = 1
+
+
+def _pieces(plan: Any, port: int, size: int) -> list[tuple[int, int, int]]:
+    # (offset, length, device or -1) covering the access, lowest port first.
+    slots, ranges = plan.slots, plan.ranges
+    out = []
+    i = 0
+    while i < size:
+        p = port + i
+        r = int(slots[p]) if p <= 0xFFFF else -1
+        if r < 0:
+            out.append((i, 1, -1))
+            i += 1
+            continue
+        last, mask = int(ranges[r, 1]), int(ranges[r, 2])
+        room = min(size - i, last - p + 1)
+        n = 4 if room >= 4 and mask & 16 else 2 if room >= 2 and mask & 4 else 1 if mask & 2 else 0
+        if n == 0:
+            out.append((i, 1, -1))
+            i += 1
+        else:
+            out.append((i, n, int(ranges[r, 3])))
+            i += n
+    return out
+
+
+def _all_unassigned(slots: Any, port: int, size: int) -> bool:
+    if size == 1:
+        return True
+    if port + size > 0x10000 or int(slots[port + 1]) >= 0:
+        return False
+    return size == 2 or (int(slots[port + 2]) < 0 and int(slots[port + 3]) < 0)
+
+
+def _bus_read(plan: Any, port: int, size: int, reply: int, err: list[int]) -> int:
+    slots = plan.slots
+    r = int(slots[port])
+    if r >= 0:
+        rg = plan.ranges[r]
+        if port + size - 1 <= int(rg[1]) and int(rg[2]) >> size & 1:
+            return _piece_read(plan, int(rg[3]), port, size, err)
+    elif _all_unassigned(slots, port, size):
+        plan.stats[S_UNASSIGNED] += 1
+        return reply & _MASK[size]
+    plan.stats[S_SPLITS] += 1
+    value = 0
+    missed = False
+    for off, n, dev in _pieces(plan, port, size):
+        if dev < 0:
+            v = (reply >> (8 * off)) & 0xFF
+            missed = True
+        else:
+            v = _piece_read(plan, dev, port + off, n, err)
+        value |= v << (8 * off)
+    if missed:
+        plan.stats[S_UNASSIGNED] += 1
+    return value
+
+
+def _bus_write(plan: Any, port: int, size: int, value: int, err: list[int]) -> None:
+    slots = plan.slots
+    r = int(slots[port])
+    if r >= 0:
+        rg = plan.ranges[r]
+        if port + size - 1 <= int(rg[1]) and int(rg[2]) >> size & 1:
+            _piece_write(plan, int(rg[3]), port, size, value, err)
+            return
+    elif _all_unassigned(slots, port, size):
+        plan.stats[S_UNASSIGNED] += 1
+        return
+    plan.stats[S_SPLITS] += 1
+    missed = False
+    for off, n, dev in _pieces(plan, port, size):
+        if dev < 0:
+            missed = True
+            continue
+        _piece_write(plan, dev, port + off, n, (value >> (8 * off)) & _MASK[n], err)
+    if missed:
+        plan.stats[S_UNASSIGNED] += 1
+
+
+def _log(plan: Any, port: int, size: int, write: int, value: int, status: int, flag: int) -> None:
+    # One Host event-log record (value -1 = none is stored as all-ones).
+    if int(plan.cfg[CFG_LOG]):
+        n = int(plan.stats[S_LOG_N])
+        plan.logbuf[n] = (port, size, write, value & U64, status, flag)
+        plan.stats[S_LOG_N] = n + 1
+
+
+def _host_io(plan: Any, size: int, write: int, port: int, r15: int, reply: int) -> tuple[int, int]:
+    # KVM tdx_emulate_io as tdxve.host.Host.tdvmcall serves it (ref 5.2):
+    # returns (R10, R11) as the guest sees them (R10 and R11 are selected).
+    stats = plan.stats
+    stats[S_IO_CALLS] += 1
+    if size != 1 and size != 2 and size != 4:
+        stats[S_INVALID] += 1
+        _log(plan, port, size, write, -1, INVALID_OPERAND, 0)
+        return INVALID_OPERAND, IO_SUBFN
+    base = port * 4
+    ports = plan.ports
+    err = [0, 0]
+    if write:
+        value = r15 & _MASK[size]   # only `size` bytes of R15 reach the device
+        ports[base + 1] += 1
+        ports[base + 3] += size
+        try:
+            _bus_write(plan, port, size, value, err)
+        except _Abort:
+            if err[1] == -2:        # DeviceError: the host answers INVALID_OPERAND, then raises
+                stats[S_INVALID] += 1
+                _log(plan, port, size, 1, value, INVALID_OPERAND, 1)
+            raise
+    else:
+        ports[base] += 1
+        ports[base + 2] += size
+        try:
+            value = _bus_read(plan, port, size, reply, err)
+        except _Abort:
+            if err[1] == -2:
+                stats[S_INVALID] += 1
+                _log(plan, port, size, 0, -1, INVALID_OPERAND, 1)
+            raise
+    if err[0]:                      # a device error the bus recorded: the guest sees a failure
+        stats[S_INVALID] += 1
+        _log(plan, port, size, write, value if write else -1, INVALID_OPERAND, 1)
+        return INVALID_OPERAND, IO_SUBFN
+    _log(plan, port, size, write, value, 0, 0)
+    return 0, (IO_SUBFN if write else value)
+
+
+# ==========================================================================
+# The kernel
+# ==========================================================================
+def replay_kernel(plan: Any, events: np.ndarray, results: np.ndarray, start: int, stop: int) -> int:
+    """Replay ``events[start:stop]`` into ``results`` with the prepared ``plan``.
+
+    Low-level mechanism behind :func:`tdxve.replay.replay`, which builds the
+    plan from a :class:`~tdxve.machine.Machine`, validates the arrays and
+    syncs device state; call that instead.
+
+    :param plan: a :class:`tdxve.replay.Replayer` plan.
+    :param events: a C-contiguous array of dtype :data:`tdxve.abi.EVENT_DTYPE`.
+    :param results: a C-contiguous, writeable :data:`tdxve.abi.RESULT_DTYPE`
+        array at least ``stop`` long.
+    :param start: first event.
+    :param stop: one past the last event.
+    :returns: the index of the next event to replay: ``stop`` when done, less
+        when the output or log buffer is full (flush and call again), or -1
+        when a callback failed (the exception is in ``plan.pending`` and
+        ``plan.stats[S_NEXT]`` is the event it failed in).
+    """
+    cfg = [int(x) for x in plan.cfg]
+    merge = cfg[CFG_MERGE]
+    early = cfg[CFG_EARLY]
+    advance = cfg[CFG_ADVANCE]
+    loop_limit = cfg[CFG_LOOP]
+    host_py = cfg[CFG_HOST] == HOST_PYTHON
+    reply_per_event = cfg[CFG_REPLY_MODE]
+    reply_const = cfg[CFG_REPLY_CONST] & U64
+    has_filter = cfg[CFG_FILTER]
+    iters_max = loop_limit if early and not advance else 1
+    out_need = 4 * iters_max if cfg[CFG_OUTCAP] else 0
+    log_need = iters_max if cfg[CFG_LOG] else 0
+    stats = plan.stats
+    allowed = plan.filter
+    for i in range(start, stop):
+        if (int(stats[S_OUT_N]) + out_need > cfg[CFG_OUTCAP]
+                or int(stats[S_LOG_N]) + log_need > cfg[CFG_LOGCAP]):
+            return i
+        ev = events[i]
+        q = int(ev["exit_qual"]) & U32      # handle_io works on a u32 copy (ref 1.3)
+        rax = int(ev["rax"])
+        reply = int(ev["reply"]) if reply_per_event else reply_const
+        size = (q & 7) + 1
+        is_in = (q >> 3) & 1
+        port = q >> 16
+        r15 = r11 = status = 0
+        fault = FAULT_NONE
+        ves = calls = 0
+        delta = 0
+        stats[S_LAST] = i + 1
+        try:
+            while True:
+                ves += 1
+                stats[S_VES] += 1               # #VE + VEINFO.GET (ref 2.2, 2.3)
+                if q & 0x10:                    # string I/O: -EIO (ref 1.8)
+                    fault = FAULT_STRING_IO
+                    break
+                if has_filter and not allowed[port]:
+                    # Intel's filter: IN reads all-ones, OUT dropped, success (ref 1.11)
+                    if is_in:
+                        rax = _merge(merge, rax, U32, size, True)
+                    ok = True
+                else:
+                    r15 = 0 if is_in else _out_data(merge, rax, size)
+                    if host_py:
+                        rc = int(plan.callback(CB_TDVMCALL, size, 1 - is_in, port, r15))
+                        if rc < 0:
+                            raise _Abort
+                        if rc == 1:             # the TDCALL failed: Linux panics (ref 1.10)
+                            fault = FAULT_GUEST_PANIC
+                            break
+                        calls += 1
+                        r10, r11 = int(stats[S_CB_R10]), int(stats[S_CB_R11])
+                    else:
+                        calls += 1
+                        stats[S_VMCALLS] += 1
+                        r10, r11 = _host_io(plan, size, 1 - is_in, port, r15, reply)
+                        stats[S_TDCALLS] += 1
+                    status = r10
+                    ok = r10 == 0
+                    if is_in:
+                        rax = _merge(merge, rax, r11, size, ok)
+                if not ok:
+                    fault = FAULT_IO_FAILED
+                    break
+                if early and not advance:       # RIP stays: IRET re-executes (ref 1.1)
+                    if ves >= loop_limit:
+                        fault = FAULT_VE_LOOP
+                        break
+                    continue
+                delta = int(ev["instr_len"])
+                break
+        except _Abort:
+            stats[S_NEXT] = i
+            return -1
+        res = results[i]
+        res["rax"] = rax
+        res["r15"] = r15
+        res["r11"] = r11
+        res["status"] = status
+        res["rip_delta"] = delta
+        res["ves"] = ves
+        res["tdvmcalls"] = calls
+        res["fault"] = fault
+    return stop
