@@ -961,8 +961,8 @@ cdef Py_ssize_t _rp_run(rp_ctx* c, const rp_event* events, rp_result* results,
             else:
                 r15 = 0 if is_in else _rp_out_data(merge, rax, size)
                 if host_py:
-                    rc = _rp_callback(c, RP_CB_TDVMCALL, <int64_t>size, <int64_t>(1 - is_in),
-                                      <int64_t>port, r15)
+                    rc = _rp_callback(c, RP_CB_TDVMCALL, <int64_t>size, <int64_t>((1 - is_in) | port << 1),
+                                      <int64_t>reply, r15)
                     # the plan's arrays may have moved
                     stats = c.stats
                     if rc < 0:

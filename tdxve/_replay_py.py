@@ -42,6 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from .abi import EVENT_DTYPE, RESULT_DTYPE
+from .errors import InvalidArgumentError
+
 __all__ = ["replay_kernel"]
 
 U64 = (1 << 64) - 1
@@ -152,7 +155,8 @@ F_COMPILED = 4
 # callback ops: callback(op, a, b, c, d) -> int
 CB_READ = 1             # (device, port, size, 0) -> value | CB_ERROR, -2 DeviceError, -1 other
 CB_WRITE = 2            # (device, port, size, value) -> 0 | CB_ERROR, -2, -1
-CB_TDVMCALL = 3         # (size, direction, port, r15) -> 0 (S_CB_R10/R11 set), 1 TDCALL failed, -1
+CB_TDVMCALL = 3         # (size, direction | port << 1, reply, r15) -> 0 (S_CB_R10/R11 set),
+#                         1 TDCALL failed, -1 exception
 CB_ERROR = 1 << 32      # the bus recorded a device error (on_device_error="record")
 
 # fault codes (tdxve.abi.ReplayFault)
@@ -469,7 +473,7 @@ def _piece_read(plan: Any, dev: int, port: int, size: int, err: list[int]) -> in
         return _dev_read(plan, dev, port, size) & _MASK[size]
     except _Py:
         pass
-    r = int(plan.callback(CB_READ, dev, port, size, 0))
+    r = _callback(plan, CB_READ, dev, port, size, 0)
     if r < 0:
         err[1] = r
         raise _Abort
@@ -484,7 +488,7 @@ def _piece_write(plan: Any, dev: int, port: int, size: int, value: int, err: lis
         return
     except _Py:
         pass
-    r = int(plan.callback(CB_WRITE, dev, port, size, value))
+    r = _callback(plan, CB_WRITE, dev, port, size, value)
     if r < 0:
         err[1] = r
         raise _Abort
@@ -621,6 +625,95 @@ def _host_io(plan: Any, size: int, write: int, port: int, r15: int, reply: int) 
 
 
 # ==========================================================================
+# Plan checks (the compiled kernel's _rp_bind_static / _rp_bind_dynamic)
+# ==========================================================================
+def _array(plan: Any, name: str, dtype: Any, ndim: int) -> np.ndarray:
+    a = getattr(plan, name)
+    if (not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim
+            or not a.flags.c_contiguous or not a.flags.writeable):
+        raise InvalidArgumentError(
+            f"replay plan.{name} must be a writeable C-contiguous {ndim}-D {np.dtype(dtype)} array")
+    return a
+
+
+def _check_static(plan: Any) -> None:
+    cfg = _array(plan, "cfg", np.int64, 1)
+    if cfg.shape[0] != NCFG:
+        raise InvalidArgumentError(f"replay plan.cfg must have {NCFG} entries")
+    if not (MERGE_2022 <= cfg[CFG_MERGE] <= MERGE_ARCH and 1 <= cfg[CFG_LOOP] <= 0xFFFF
+            and cfg[CFG_OUTCAP] >= 0 and cfg[CFG_LOGCAP] >= 0):
+        raise InvalidArgumentError("replay plan.cfg has an out-of-range merge, loop limit or capacity")
+    flt = _array(plan, "filter", np.uint8, 1)
+    slots = _array(plan, "slots", np.int32, 1)
+    ranges = _array(plan, "ranges", np.int64, 2)
+    stats = _array(plan, "stats", np.uint64, 1)
+    ports = _array(plan, "ports", np.uint64, 1)
+    outbuf = _array(plan, "outbuf", np.uint32, 1)
+    logbuf = _array(plan, "logbuf", np.uint64, 2)
+    if (flt.shape[0] != 0x10000 or slots.shape[0] != 0x10000 or ranges.shape[1] != 4
+            or stats.shape[0] != NSTAT or ports.shape[0] != 0x10000 * 4
+            or outbuf.shape[0] < cfg[CFG_OUTCAP] or logbuf.shape[0] < cfg[CFG_LOGCAP]
+            or logbuf.shape[1] != 6):
+        raise InvalidArgumentError("replay plan arrays have the wrong shapes")
+    if int(stats[S_OUT_N]) > int(cfg[CFG_OUTCAP]) or int(stats[S_LOG_N]) > int(cfg[CFG_LOGCAP]):
+        raise InvalidArgumentError("replay plan.stats output counts exceed the capacities")
+    bad = np.flatnonzero((slots < -1) | (slots >= ranges.shape[0]))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidArgumentError(f"replay plan.slots[{i:#x}] = {int(slots[i])} is not a range")
+
+
+def _check_dynamic(plan: Any) -> None:
+    dstate = _array(plan, "dstate", np.uint64, 2)
+    if dstate.shape[1] != NWORDS:
+        raise InvalidArgumentError(f"replay plan.dstate must have {NWORDS} words per device")
+    pcifn = _array(plan, "pcifn", np.int64, 2)
+    if pcifn.shape[1] != 5:
+        raise InvalidArgumentError("replay plan.pcifn must have 5 columns")
+    bufs = plan.bufs
+    if type(bufs) is not list:
+        raise InvalidArgumentError("replay plan.bufs must be a list of uint8 arrays")
+    for i, b in enumerate(bufs):
+        if (not isinstance(b, np.ndarray) or b.dtype != np.uint8 or b.ndim != 1
+                or not b.flags.c_contiguous or not b.flags.writeable):
+            raise InvalidArgumentError(f"replay plan.bufs[{i}] must be a writeable 1-D uint8 array")
+    n = len(bufs)
+    ndev = dstate.shape[0]
+    for i, r in enumerate(plan.ranges.tolist()):
+        if not (0 <= r[0] <= r[1] <= 0xFFFF and 0 <= r[3] < ndev and 0 <= r[2] <= 0x16):
+            raise InvalidArgumentError(f"replay plan.ranges[{i}] is inconsistent")
+    for i, f in enumerate(pcifn.tolist()):
+        if not (0 <= f[F_CONFIG] < n and bufs[f[F_CONFIG]].shape[0] >= 256 and (
+                f[F_COMPILED] == 0 or (0 <= f[F_WMASK] < n and 0 <= f[F_W1C] < n
+                                       and bufs[f[F_WMASK]].shape[0] >= 256
+                                       and bufs[f[F_W1C]].shape[0] >= 256))):
+            raise InvalidArgumentError(f"replay plan.pcifn[{i}] names a missing or short buffer")
+    npcifn = pcifn.shape[0]
+    for i, w in enumerate(dstate.tolist()):
+        k = w[W_KIND]
+        if k > DEV_PCI:
+            raise InvalidArgumentError(f"replay plan.dstate[{i}] has an unknown device kind")
+        if k == DEV_CMOS and not (w[W_CMOS_BUF] < n and bufs[w[W_CMOS_BUF]].shape[0] >= 128
+                                  and w[W_CMOS_INDEX] <= 0x7F):
+            raise InvalidArgumentError(f"replay plan.dstate[{i}]: CMOS RAM buffer or index out of range")
+        if k == DEV_PCI and (w[W_PCI_FN0] > npcifn or w[W_PCI_NFN] > npcifn
+                             or w[W_PCI_FN0] + w[W_PCI_NFN] > npcifn
+                             or (w[W_PCI_CACHE_ROW] != U64 and w[W_PCI_CACHE_ROW] >= npcifn)):
+            raise InvalidArgumentError(f"replay plan.dstate[{i}]: PCI function rows out of range")
+
+
+def _callback(plan: Any, op: int, a: int, b: int, c: int, d: int) -> int:
+    # plan.callback, then the checks the compiled kernel's re-bind makes.
+    try:
+        r = int(plan.callback(op, a, b, c, d))
+        _check_dynamic(plan)
+        return r
+    except BaseException as exc:    # noqa: BLE001 - stays in plan.pending, as in C
+        plan.pending = exc
+        return -1
+
+
+# ==========================================================================
 # The kernel
 # ==========================================================================
 def replay_kernel(plan: Any, events: np.ndarray, results: np.ndarray, start: int, stop: int) -> int:
@@ -641,6 +734,20 @@ def replay_kernel(plan: Any, events: np.ndarray, results: np.ndarray, start: int
         when a callback failed (the exception is in ``plan.pending`` and
         ``plan.stats[S_NEXT]`` is the event it failed in).
     """
+    if (not isinstance(events, np.ndarray) or events.dtype != EVENT_DTYPE or events.ndim != 1
+            or not events.flags.c_contiguous):
+        raise InvalidArgumentError("events must be a C-contiguous 1-D EVENT_DTYPE array")
+    if (not isinstance(results, np.ndarray) or results.dtype != RESULT_DTYPE or results.ndim != 1
+            or not results.flags.c_contiguous or not results.flags.writeable):
+        raise InvalidArgumentError("results must be a writeable C-contiguous 1-D RESULT_DTYPE array")
+    if type(start) is not int or type(stop) is not int:
+        raise InvalidArgumentError(f"start and stop must be ints, got {start!r}, {stop!r}")
+    if not 0 <= start <= stop <= min(events.shape[0], results.shape[0]):
+        raise InvalidArgumentError(
+            f"need 0 <= start <= stop <= len(events), len(results); got {start}, {stop} for "
+            f"{events.shape[0]} events and {results.shape[0]} results")
+    _check_static(plan)
+    _check_dynamic(plan)
     cfg = [int(x) for x in plan.cfg]
     merge = cfg[CFG_MERGE]
     early = cfg[CFG_EARLY]
@@ -686,7 +793,7 @@ def replay_kernel(plan: Any, events: np.ndarray, results: np.ndarray, start: int
                 else:
                     r15 = 0 if is_in else _out_data(merge, rax, size)
                     if host_py:
-                        rc = int(plan.callback(CB_TDVMCALL, size, 1 - is_in, port, r15))
+                        rc = _callback(plan, CB_TDVMCALL, size, (1 - is_in) | port << 1, reply, r15)
                         if rc < 0:
                             raise _Abort
                         if rc == 1:             # the TDCALL failed: Linux panics (ref 1.10)

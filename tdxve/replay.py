@@ -685,7 +685,7 @@ class _Plan:
     def callback(self, op: int, a: int, b: int, c: int, d: int) -> int:
         try:
             if op == K.CB_TDVMCALL:
-                return self._tdvmcall(a, b, c, d)
+                return self._tdvmcall(a, b & 1, b >> 1, c & U64_MASK, d)
             bus = self.bus
             assert bus is not None
             self.store()
@@ -706,8 +706,19 @@ class _Plan:
             self.pending = exc
             return -1
 
-    def _tdvmcall(self, size: int, write: int, port: int, r15: int) -> int:
+    def _tdvmcall(self, size: int, write: int, port: int, reply: int, r15: int) -> int:
         # The guest's __tdx_hypercall through the Python TDX module and host (ref 2.4, 2.5).
+        bus = getattr(self.host, "bus", None)
+        if self.cfg[K.CFG_REPLY_MODE] and isinstance(bus, PortBus):
+            saved = bus.unassigned_reply
+            bus.unassigned_reply = reply
+            try:
+                return self._tdcall(size, write, port, r15)
+            finally:
+                bus.unassigned_reply = saved
+        return self._tdcall(size, write, port, r15)
+
+    def _tdcall(self, size: int, write: int, port: int, r15: int) -> int:
         t = Regs()
         t.set_gpr(Gpr.RCX, self.mask)
         t.set_gpr(Gpr.R11, int(TdvmcallSubfn.IO))
