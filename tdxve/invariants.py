@@ -360,7 +360,13 @@ class TdvmcallRecorder:
         self.calls: list[TdvmcallRecord] = []
 
     def tdvmcall(self, regs: Regs) -> None:
-        """Record the image, forward it, record the reply (or the exception, re-raised)."""
+        """Record the image, forward it, record the reply (or the exception, re-raised).
+
+        :raises InvalidArgumentError: ``regs`` is not a :class:`~tdxve.regs.Regs`.
+        """
+        if not isinstance(regs, Regs):
+            raise InvalidArgumentError(f"tdvmcall() needs a tdxve.Regs register image, got "
+                                       f"{type(regs).__name__}")
         image = tuple(regs.gpr(i) for i in range(16))
         try:
             self.host.tdvmcall(regs)

@@ -89,6 +89,13 @@ class Machine:
     :raises ImportError: ``host`` is None and ``tdxve.host`` cannot be imported.
 
     Attributes: ``host``, ``tdx``, ``guest``, ``memory``.
+
+    **Thread safety**: a Machine is one vCPU and is not thread-safe. Its TDX
+    module (the VE info), guest and host hold mutable state, so call
+    :meth:`execute` / :meth:`execute_exit` from one thread at a time (a
+    second thread entering mid-#VE would see the VE info still valid: a
+    spurious #DF). Separate Machines with separate hosts share no mutable
+    state and may run in parallel threads (``tests/test_concurrency.py``).
     """
 
     def __init__(self, *, profile: str | Profile = "linux", string_io: str = "reject",

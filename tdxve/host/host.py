@@ -197,6 +197,14 @@ class Host:
     a simulator stops on its device bug; with ``"record"`` the call returns
     normally. The bus stays consistent either way (see :class:`PortBus`).
 
+    **Thread safety**: a Host is not thread-safe. :meth:`tdvmcall`, direct
+    :attr:`bus` accesses and the devices update shared state (device
+    registers, counters, the event log) without locking. Serve one vCPU's
+    calls from one thread at a time, as KVM serialises a vCPU's exits; to
+    share one Host between threads (several vCPUs), hold one lock of your own
+    around every call. Separate Host instances share no mutable state
+    (``tests/test_concurrency.py``).
+
     :param pc: register the standard PC devices on :attr:`bus`.
     :param clock: time source for the RTC and PM timer (default
         :class:`~tdxve.devices.SteppingClock`, 1 us per reading).
