@@ -56,7 +56,8 @@ cdef enum:
     RP_S_LAST = 10
     RP_S_CB_R10 = 11
     RP_S_CB_R11 = 12
-    RP_NSTAT = 13
+    RP_S_DIRTY = 13
+    RP_NSTAT = 14
 
     RP_DEV_PY = 0
     RP_DEV_LATCH = 1
@@ -146,7 +147,7 @@ def _rp_check_layout():
         "S_NEXT": RP_S_NEXT, "S_VES": RP_S_VES, "S_VMCALLS": RP_S_VMCALLS, "S_TDCALLS": RP_S_TDCALLS,
         "S_IO_CALLS": RP_S_IO_CALLS, "S_INVALID": RP_S_INVALID, "S_UNASSIGNED": RP_S_UNASSIGNED,
         "S_SPLITS": RP_S_SPLITS, "S_OUT_N": RP_S_OUT_N, "S_LOG_N": RP_S_LOG_N, "S_LAST": RP_S_LAST,
-        "S_CB_R10": RP_S_CB_R10, "S_CB_R11": RP_S_CB_R11, "NSTAT": RP_NSTAT,
+        "S_CB_R10": RP_S_CB_R10, "S_CB_R11": RP_S_CB_R11, "S_DIRTY": RP_S_DIRTY, "NSTAT": RP_NSTAT,
         "DEV_PY": RP_DEV_PY, "DEV_LATCH": RP_DEV_LATCH, "DEV_SINK": RP_DEV_SINK, "DEV_UART": RP_DEV_UART,
         "DEV_POST": RP_DEV_POST, "DEV_DEBUGCON": RP_DEV_DEBUGCON, "DEV_CMOS": RP_DEV_CMOS,
         "DEV_PCI": RP_DEV_PCI, "NWORDS": RP_NWORDS, "W_KIND": RP_W_KIND, "W_DIRTY": RP_W_DIRTY,
@@ -221,6 +222,7 @@ ctypedef struct rp_ctx:
     uint64_t* ports             # [65536][4]
     uint32_t* outbuf
     uint64_t* logbuf            # [logcap][6]
+    PyObject* keep              # list [dstate, pcifn, bufs, tuple(bufs)]: the bound objects, kept alive
     int dev_err                 # the bus recorded a device error during this access
     int abort                   # callback code that stops the kernel (-1, -2)
 
@@ -239,8 +241,9 @@ cdef object _rp_array(object plan, str name, object dtype, int ndim):
     return a
 
 
-cdef int _rp_bind_static(rp_ctx* c, object plan) except -1:
-    # What a callback never changes: cfg, filter, slots, ranges, stats, ports, outbuf, logbuf.
+cdef int _rp_bind_static(rp_ctx* c, object plan, list hold) except -1:
+    # What a callback never changes: cfg, filter, slots, ranges, stats, ports, outbuf, logbuf
+    # (kept alive in `hold` for the whole call, whatever the plan does meanwhile).
     cdef Py_ssize_t i
     cfg = _rp_array(plan, "cfg", np.int64, 1)
     if cfg.shape[0] != RP_NCFG:
@@ -262,6 +265,7 @@ cdef int _rp_bind_static(rp_ctx* c, object plan) except -1:
             or outbuf.shape[0] < c.cfg[RP_CFG_OUTCAP] or logbuf.shape[0] < c.cfg[RP_CFG_LOGCAP]
             or logbuf.shape[1] != 6):
         raise _RP_InvalidArgumentError("replay plan arrays have the wrong shapes")
+    hold += [flt, slots, ranges, stats, ports, outbuf, logbuf]
     c.filter = <const uint8_t*>cnp.PyArray_DATA(flt)
     c.slots = <const int32_t*>cnp.PyArray_DATA(slots)
     c.ranges = <const int64_t*>cnp.PyArray_DATA(ranges)
@@ -279,11 +283,22 @@ cdef int _rp_bind_static(rp_ctx* c, object plan) except -1:
 
 
 cdef int _rp_bind_dynamic(rp_ctx* c, object plan) except -1:
-    # What plan.load() rebuilds after every callback: dstate, bufs, pcifn.
-    cdef Py_ssize_t i, n, k, fn0, nfn
-    cdef const int64_t* r
-    cdef const int64_t* f
-    cdef uint64_t* w
+    # What plan.load() may replace after a callback: dstate, bufs, pcifn. The
+    # bound objects stay referenced in c.keep, so no pointer ever dangles even
+    # if the plan drops them; when they are the same objects (the usual case)
+    # only their contents are checked again.
+    cdef Py_ssize_t i, n
+    keep = <list>c.keep
+    bufs = plan.bufs
+    if (len(keep) == 4 and plan.dstate is keep[0] and plan.pcifn is keep[1] and bufs is keep[2]
+            and type(bufs) is list and len(<list>bufs) == c.nbufs):
+        n = c.nbufs
+        old = <tuple>keep[3]
+        for i in range(n):
+            if (<list>bufs)[i] is not old[i]:
+                break
+        else:
+            return _rp_check_contents(c)
     dstate = _rp_array(plan, "dstate", np.uint64, 2)
     if dstate.shape[1] != RP_NWORDS:
         raise _RP_InvalidArgumentError(f"replay plan.dstate must have {RP_NWORDS} words per device")
@@ -316,6 +331,16 @@ cdef int _rp_bind_dynamic(rp_ctx* c, object plan) except -1:
     c.ndev = dstate.shape[0]
     c.pcifn = <const int64_t*>cnp.PyArray_DATA(pcifn)
     c.npcifn = pcifn.shape[0]
+    keep[:] = [dstate, pcifn, bufs, tuple(bufs)]
+    return _rp_check_contents(c)
+
+
+cdef int _rp_check_contents(rp_ctx* c) except -1:
+    # Every index the loop follows from the device rows and PCI functions is in range.
+    cdef Py_ssize_t i, k, fn0, nfn, n = c.nbufs
+    cdef const int64_t* r
+    cdef const int64_t* f
+    cdef uint64_t* w
     for i in range(c.nranges):
         r = c.ranges + 4 * i
         if not (0 <= r[0] <= r[1] <= 0xFFFF and 0 <= r[3] < c.ndev and 0 <= r[2] <= 0x16):
@@ -494,6 +519,7 @@ cdef int _rp_dev_read(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
         w[RP_W_SINK_READS] += 1
         w[RP_W_SINK_RBYTES] += size
         w[RP_W_DIRTY] = 1
+        c.stats[RP_S_DIRTY] = 1
         out[0] = w[RP_W_SINK_READBACK]
         return 0
     if kind == RP_DEV_UART:
@@ -514,6 +540,7 @@ cdef int _rp_dev_read(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
             if (v & 0x0F) == 0x02:              # reading IIR = THRE clears that source
                 w[RP_W_UART_THR_IPENDING] = 0
                 w[RP_W_DIRTY] = 1
+                c.stats[RP_S_DIRTY] = 1
             out[0] = v
             return 0
         if off == 3:
@@ -530,6 +557,7 @@ cdef int _rp_dev_read(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
             if w[RP_W_UART_MSR_DELTA]:
                 w[RP_W_UART_MSR_DELTA] = 0
                 w[RP_W_DIRTY] = 1
+                c.stats[RP_S_DIRTY] = 1
             return 0
         if off == 7:
             out[0] = w[RP_W_UART_SCR]
@@ -594,11 +622,13 @@ cdef int _rp_dev_write(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
         if w[RP_W_LATCH_WRITABLE]:
             w[RP_W_LATCH_VALUE] = value
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
         return 0
     if kind == RP_DEV_SINK:
         w[RP_W_SINK_WRITES] += 1
         w[RP_W_SINK_WBYTES] += size
         w[RP_W_DIRTY] = 1
+        c.stats[RP_S_DIRTY] = 1
         return 0
     if kind == RP_DEV_UART:
         off = port - w[RP_W_UART_BASE]
@@ -612,6 +642,7 @@ cdef int _rp_dev_write(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
                 _rp_out(c, dev, v)              # the transmitter is instant: THRE re-armed
                 w[RP_W_UART_THR_IPENDING] = 1
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
             return 0
         if off == 1:
             if w[RP_W_UART_LCR] & 0x80:
@@ -622,12 +653,14 @@ cdef int _rp_dev_write(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
                 if v & 0x02 and not old & 0x02:
                     w[RP_W_UART_THR_IPENDING] = 1
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
             return 0
         if off == 2:
             return 1                            # FCR resets the receiver
         if off == 3:
             w[RP_W_UART_LCR] = v
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
             return 0
         if off == 4:
             old = _rp_uart_lines(w)
@@ -639,10 +672,12 @@ cdef int _rp_dev_write(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
                                        | (0x04 if (old & 0x40) and not (new & 0x40) else 0)
                                        | ((changed >> 4) & 0x08))
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
             return 0
         if off == 7:
             w[RP_W_UART_SCR] = v
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
             return 0
         if off == 5 or off == 6:
             return 0                            # LSR, MSR writes are ignored
@@ -663,6 +698,7 @@ cdef int _rp_dev_write(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
             w[RP_W_CMOS_INDEX] = v & 0x7F       # bit 7: the PC's NMI mask
             w[RP_W_CMOS_NMI] = v >> 7
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
             return 0
         i = w[RP_W_CMOS_INDEX]
         if _rp_cmos_clock(i) or i == 0x0B:
@@ -695,12 +731,14 @@ cdef int _rp_dev_write(rp_ctx* c, Py_ssize_t dev, uint64_t port, uint64_t size,
         if off == 0 and size == 4:
             w[RP_W_PCI_ADDR] = value & 0x80FFFFFCULL
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
         elif off == 1 and size == 1:
             if value & 0x04:                    # RST_CPU: a reset request, RCR unchanged
                 w[RP_W_PCI_RESETS] += 1
             else:
                 w[RP_W_PCI_RCR] = value & 0x02
             w[RP_W_DIRTY] = 1
+            c.stats[RP_S_DIRTY] = 1
         return 0
     return 1
 
@@ -1036,6 +1074,8 @@ def replay_kernel(plan, events, results, start, stop):
     """
     cdef rp_ctx c
     cdef Py_ssize_t lo, hi, nxt
+    cdef list keep = []
+    cdef list hold = []
     if (not isinstance(events, np.ndarray) or events.dtype != _RP_EVENT_DTYPE or events.ndim != 1
             or not events.flags.c_contiguous):
         raise _RP_InvalidArgumentError("events must be a C-contiguous 1-D EVENT_DTYPE array")
@@ -1054,8 +1094,9 @@ def replay_kernel(plan, events, results, start, stop):
     cdef rp_result* res = <rp_result*>cnp.PyArray_DATA(results)
     memset(&c, 0, sizeof(rp_ctx))
     c.plan = <PyObject*>plan
+    c.keep = <PyObject*>keep
     try:
-        _rp_bind_static(&c, plan)
+        _rp_bind_static(&c, plan, hold)
         _rp_bind_dynamic(&c, plan)
         with nogil:
             nxt = _rp_run(&c, ev, res, lo, hi)

@@ -89,7 +89,8 @@ S_LOG_N = 9             # rows used in logbuf
 S_LAST = 10             # 1 + index of the last event that took a #VE (0: none)
 S_CB_R10 = 11           # CB_TDVMCALL results
 S_CB_R11 = 12
-NSTAT = 13
+S_DIRTY = 13            # some device's W_DIRTY is set
+NSTAT = 14
 
 # device kinds (dstate[d, W_KIND])
 DEV_PY = 0
@@ -224,6 +225,12 @@ def _out_data(kind: int, rax: int, size: int) -> int:
 # ==========================================================================
 # Compiled device forms (tdxve.devices; same state, same rules)
 # ==========================================================================
+def _dirty(plan: Any, w: Any) -> None:
+    # The scalar state changed: the driver writes it back to the object.
+    w[W_DIRTY] = 1
+    plan.stats[S_DIRTY] = 1
+
+
 def _uart_lines(w: Any) -> int:
     m = int(w[W_UART_MCR])
     if m & 0x10:                    # loopback wiring: CTS=RTS, DSR=DTR, RI=OUT1, DCD=OUT2
@@ -286,7 +293,7 @@ def _dev_read(plan: Any, dev: int, port: int, size: int) -> int:
     if kind == DEV_SINK:
         w[W_SINK_READS] += 1
         w[W_SINK_RBYTES] += size
-        w[W_DIRTY] = 1
+        _dirty(plan, w)
         return int(w[W_SINK_READBACK])
     if kind == DEV_UART:
         off = port - int(w[W_UART_BASE])
@@ -303,7 +310,7 @@ def _dev_read(plan: Any, dev: int, port: int, size: int) -> int:
             v = _uart_iir(w)
             if v & 0x0F == 0x02:    # reading IIR = THRE clears that source
                 w[W_UART_THR_IPENDING] = 0
-                w[W_DIRTY] = 1
+                _dirty(plan, w)
             return v
         if off == 3:
             return int(w[W_UART_LCR])
@@ -315,7 +322,7 @@ def _dev_read(plan: Any, dev: int, port: int, size: int) -> int:
             v = _uart_lines(w) | int(w[W_UART_MSR_DELTA])
             if int(w[W_UART_MSR_DELTA]):
                 w[W_UART_MSR_DELTA] = 0
-                w[W_DIRTY] = 1
+                _dirty(plan, w)
             return v
         return int(w[W_UART_SCR])
     if kind == DEV_POST:
@@ -359,12 +366,12 @@ def _dev_write(plan: Any, dev: int, port: int, size: int, value: int) -> None:
     if kind == DEV_LATCH:
         if int(w[W_LATCH_WRITABLE]):
             w[W_LATCH_VALUE] = value
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
         return
     if kind == DEV_SINK:
         w[W_SINK_WRITES] += 1
         w[W_SINK_WBYTES] += size
-        w[W_DIRTY] = 1
+        _dirty(plan, w)
         return
     if kind == DEV_UART:
         off = port - int(w[W_UART_BASE])
@@ -378,7 +385,7 @@ def _dev_write(plan: Any, dev: int, port: int, size: int, value: int) -> None:
             else:
                 _out(plan, dev, v)
                 w[W_UART_THR_IPENDING] = 1
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
             return
         if off == 1:
             if dlab:
@@ -388,13 +395,13 @@ def _dev_write(plan: Any, dev: int, port: int, size: int, value: int) -> None:
                 w[W_UART_IER] = v & 0x0F
                 if v & 0x02 and not old & 0x02:
                     w[W_UART_THR_IPENDING] = 1
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
             return
         if off == 2:
             raise _Py               # FCR resets the receiver
         if off == 3:
             w[W_UART_LCR] = v
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
             return
         if off == 4:
             old = _uart_lines(w)
@@ -404,11 +411,11 @@ def _dev_write(plan: Any, dev: int, port: int, size: int, value: int) -> None:
             d = ((0x01 if changed & 0x10 else 0) | (0x02 if changed & 0x20 else 0)
                  | (0x04 if old & 0x40 and not new & 0x40 else 0) | (0x08 if changed & 0x80 else 0))
             w[W_UART_MSR_DELTA] = int(w[W_UART_MSR_DELTA]) | d
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
             return
         if off == 7:
             w[W_UART_SCR] = v
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
         return                      # LSR, MSR: ignored
     if kind == DEV_POST:
         if int(w[W_POST_ON_CODE]):
@@ -425,7 +432,7 @@ def _dev_write(plan: Any, dev: int, port: int, size: int, value: int) -> None:
         if port == int(w[W_CMOS_BASE]):
             w[W_CMOS_INDEX] = v & 0x7F
             w[W_CMOS_NMI] = v >> 7
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
             return
         i = int(w[W_CMOS_INDEX])
         if i == _CMOS_IBM_CENTURY or i in _CMOS_TIME or i == _CMOS_A or i == _CMOS_B:
@@ -454,13 +461,13 @@ def _dev_write(plan: Any, dev: int, port: int, size: int, value: int) -> None:
             return
         if off == 0 and size == 4:
             w[W_PCI_ADDR] = value & 0x80FFFFFC
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
         elif off == 1 and size == 1:
             if value & 0x04:        # RST_CPU: a reset request, RCR unchanged
                 w[W_PCI_RESETS] += 1
             else:
                 w[W_PCI_RCR] = value & 0x02
-            w[W_DIRTY] = 1
+            _dirty(plan, w)
         return
     raise _Py
 

@@ -7,6 +7,12 @@ Commands:
 * ``qual VALUE`` – explain an I/O exit qualification field by field.
 * ``demo [--profile P] [--path early|normal] [--string-io reject|emulate]
   [--trace FILE]`` – run the demo guest under Unicorn (:mod:`tdxve.demo`).
+* ``replay FILE [--profile P] [--path early|normal] [--unassigned reply|machine]
+  [--strings unroll|string] [--sort ves|port] [--progress auto|always|never]``
+  – replay a KVM ``kvm_pio`` trace (:func:`tdxve.trace.read_kvm_pio`) through
+  the model and print the #VEs and TDVMCALLs a TDX guest takes, per port.
+* ``bench [--quick] [--json FILE] [--dir DIR]`` – run every script in
+  ``benchmarks/`` and print one table.
 
 Expected failures (bad bytes, invalid qualifications) print one ``error:``
 line and exit with status 2; there is no traceback.
@@ -158,7 +164,231 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="run the demo guest under Unicorn through the TDX #VE path")
     _demo.add_arguments(dm)
     dm.set_defaults(func=_demo.command)
+
+    # issue 6: trace replay and the benchmark suite.
+    r = sub.add_parser("replay", help="replay a kvm_pio trace: #VEs and TDVMCALLs a TDX guest takes, per port")
+    r.add_argument("file", help="trace-cmd / perf / ftrace output with kvm_pio events")
+    r.add_argument("--profile", default="linux", help="guest profile (default linux)")
+    r.add_argument("--path", choices=("normal", "early"), default="normal", help="#VE path (default normal)")
+    r.add_argument("--unassigned", choices=("reply", "machine"), default="reply",
+                   help="ports without a device model answer the trace's value (reply, default) "
+                        "or all-ones (machine)")
+    r.add_argument("--strings", choices=("unroll", "string"), default="unroll",
+                   help="count > 1 records: unrolled IN/OUTs as Linux TDX guests do (default), or one INS/OUTS")
+    r.add_argument("--instr-len", type=int, default=1, metavar="N", help="instruction length (default 1)")
+    r.add_argument("--sort", choices=("ves", "port"), default="ves", help="table order (default: most #VEs first)")
+    r.add_argument("--top", type=int, default=0, metavar="N", help="show only the first N ports (0: all)")
+    r.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress bar on stderr (auto: files of 8 MiB or more on a terminal)")
+    r.set_defaults(func=_cmd_replay)
+
+    b = sub.add_parser("bench", help="run every script in benchmarks/ and print one table")
+    b.add_argument("--quick", action="store_true", help="pass --quick to every script (smoke run)")
+    b.add_argument("--json", metavar="FILE", help="write every script's results to FILE")
+    b.add_argument("--dir", metavar="DIR", help="the benchmarks directory (default: next to the package)")
+    b.add_argument("--verbose", action="store_true", help="also show each script's own output")
+    b.set_defaults(func=_cmd_bench)
     return p
+
+
+# ---------------------------------------------------------------- replay (issue 6)
+PROGRESS_MIN_BYTES = 8 << 20
+
+
+def _progress(done: int, total: int, events: int) -> None:
+    frac = done / total if total else 1.0
+    n = int(frac * 30)
+    sys.stderr.write(f"\r[{'#' * n}{'.' * (30 - n)}] {frac * 100:5.1f}%  {events:,} events")
+    sys.stderr.flush()
+
+
+def _cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    import os
+
+    from .machine import Machine
+    from .replay import Replayer, ReplaySummary
+    from .trace import iter_kvm_pio
+
+    try:
+        size = os.path.getsize(args.file)
+    except OSError as exc:
+        raise TdxveError(f"cannot read {args.file!r}: {exc.strerror or exc}") from None
+    machine = Machine(profile=args.profile, path=args.path)
+    rp = Replayer(machine, unassigned=args.unassigned)
+    summary = ReplaySummary()
+    show = args.progress == "always" or (args.progress == "auto" and size >= PROGRESS_MIN_BYTES
+                                          and sys.stderr.isatty())
+    try:
+        for events, done in iter_kvm_pio(args.file, chunk_events=1 << 18, strings=args.strings,
+                                          instr_len=args.instr_len):
+            summary.add(events, rp.run(events))
+            if show:
+                _progress(done, size, summary.total_events)
+    except OSError as exc:
+        raise TdxveError(f"cannot read {args.file!r}: {exc.strerror or exc}") from None
+    finally:
+        if show:
+            sys.stderr.write("\n")
+    bus = machine.host.bus                  # type: ignore[attr-defined]
+    rows = summary.rows(bus, sort=args.sort)
+    shown = rows[:args.top] if args.top > 0 else rows
+    unassigned = ("ports without a device model answer the trace's values" if args.unassigned == "reply"
+                  else "ports without a device model read all-ones")
+    out.write(f"kvm_pio trace {args.file}: {summary.total_events:,} port-I/O events "
+              f"({'string records unrolled' if args.strings == 'unroll' else 'string records as INS/OUTS'})\n")
+    out.write(f"model: profile {args.profile}, {args.path} #VE path, {unassigned}\n\n")
+    head = ("port", "device", "events", "in", "out", "#VEs", "TDVMCALLs", "faults")
+    table = [(f"{r.port:#06x}", r.device, f"{r.events:,}", f"{r.ins:,}", f"{r.outs:,}", f"{r.ves:,}",
+              f"{r.tdvmcalls:,}", f"{r.faults:,}") for r in shown]
+    table.append(("total", f"{len(rows)} ports", f"{summary.total_events:,}", f"{int(summary.ins.sum()):,}",
+                  f"{summary.total_events - int(summary.ins.sum()):,}", f"{summary.total_ves:,}",
+                  f"{summary.total_tdvmcalls:,}", f"{int(summary.faulted.sum()):,}"))
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out.write(line(head) + "\n")
+    for i, t in enumerate(table):
+        if i == len(table) - 1:
+            out.write(line(["-" * w for w in widths]) + "\n")
+        out.write(line(t) + "\n")
+    if args.top > 0 and len(rows) > args.top:
+        out.write(f"({len(rows) - args.top} more ports not shown)\n")
+    out.write(f"\nA TDX guest (profile {args.profile}) takes {summary.total_ves:,} #VEs and "
+              f"{summary.total_tdvmcalls:,} TDVMCALLs for this trace.\n")
+    faults = {f.name.lower(): n for f, n in summary.faults.items() if f and n}
+    if faults:
+        out.write("faults: " + ", ".join(f"{k} {v:,}" for k, v in faults.items())
+                  + "  (see docs/replay.md)\n")
+    tx = machine.host.uart.output           # type: ignore[attr-defined]
+    if tx:
+        text = tx[:120].decode("latin-1")
+        out.write(f"serial output (COM1): {text!r}{' ...' if len(tx) > 120 else ''}\n")
+    return 0
+
+
+# ---------------------------------------------------------------- bench (issue 6)
+_RATE_KEYS = ("events_per_s", "records_per_s", "calls_per_second", "calls_per_s", "elements_per_s")
+
+
+def _bench_dir(arg: str | None) -> str:
+    import os
+
+    if arg:
+        if not os.path.isdir(arg):
+            raise TdxveError(f"--dir {arg!r} is not a directory")
+        return arg
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cand in (os.path.join(here, "benchmarks"), os.path.join(os.getcwd(), "benchmarks")):
+        if os.path.isdir(cand):
+            return cand
+    raise TdxveError("no benchmarks/ directory next to the package or in the current directory; "
+                     "run from a source checkout or pass --dir")
+
+
+def _bench_rows(name: str, doc: dict[str, object]) -> list[tuple[str, str, str, str, str]]:
+    # (script, workload, implementation, rate, note) from any script's JSON.
+    res = doc.get("results")
+    rows_obj = res if isinstance(res, list) else (res.get("rows") if isinstance(res, dict) else doc.get("rows"))
+    out: list[tuple[str, str, str, str, str]] = []
+    for r in rows_obj if isinstance(rows_obj, list) else []:
+        if not isinstance(r, dict):
+            continue
+        wl = str(r.get("workload", r.get("name", "?")))
+        impl = str(r.get("impl", r.get("backend", r.get("implementation", ""))))
+        key = next((k for k in _RATE_KEYS if isinstance(r.get(k), (int, float))), None)
+        if key is None:
+            key = next((k for k, v in r.items() if isinstance(v, (int, float))
+                        and (k.endswith("_per_s") or k.endswith("per_second"))), None)
+        rate = "-"
+        if key is not None:
+            v = float(r[key])  # type: ignore[arg-type]
+            unit = key.replace("_per_second", "/s").replace("_per_s", "/s")
+            rate = (f"{v / 1e6:,.2f} M {unit}" if v >= 1e6 else f"{v / 1e3:,.1f} k {unit}" if v >= 1e3
+                    else f"{v:,.1f} {unit}")
+        note = str(r.get("note", r.get("what", "")) or "")
+        out.append((name, wl, impl, rate, note))
+    return out
+
+
+def _bench_targets(name: str, doc: dict[str, object]) -> list[str]:
+    res = doc.get("results")
+    targets = doc.get("targets", res.get("targets") if isinstance(res, dict) else None)
+    lines = []
+    for t in targets if isinstance(targets, list) else []:
+        if not isinstance(t, dict):
+            continue
+        label = t.get("name") or f"{t.get('backend', '')} ratio"
+        status = t.get("status") or ("PASS" if t.get("pass") else "FAIL")
+        measured, required = t.get("measured", t.get("ratio")), t.get("required", t.get("target"))
+        m = f"{measured:.3g}" if isinstance(measured, (int, float)) else str(measured)
+        q = f"{required:.3g}" if isinstance(required, (int, float)) else str(required)
+        lines.append(f"  {status:<4}  {name}: {label} (measured {m}, required {q})")
+    return lines
+
+
+def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    src = _bench_dir(args.dir)
+    scripts = sorted(f for f in os.listdir(src) if f.endswith(".py") and not f.startswith("_"))
+    if not scripts:
+        raise TdxveError(f"no benchmark scripts in {src}")
+    # Scripts put their own checkout first on sys.path; a copy in a temporary
+    # directory imports the tdxve this command runs instead (installed or built in place).
+    site = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
+    rows: list[tuple[str, str, str, str, str]] = []
+    targets: list[str] = []
+    docs: dict[str, object] = {}
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = os.path.join(tmp, "benchmarks")
+        shutil.copytree(src, work)
+        for script in scripts:
+            name = script[:-3]
+            js = os.path.join(tmp, name + ".json")
+            cmd = [sys.executable, os.path.join(work, script), "--json", js] + (["--quick"] if args.quick else [])
+            out.write(f"running {script}{' --quick' if args.quick else ''} ...\n")
+            out.flush()
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, check=False)
+            if args.verbose:
+                out.write(r.stdout)
+                sys.stderr.write(r.stderr)
+            if r.returncode != 0 or not os.path.isfile(js):
+                failed += 1
+                last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+                rows.append((name, "FAILED", f"exit {r.returncode}", "-", last[:80]))
+                continue
+            with open(js, encoding="utf-8") as f:
+                doc = json.load(f)
+            docs[name] = doc
+            rows += _bench_rows(name, doc) or [(name, "(no rows)", "", "-", "")]
+            targets += _bench_targets(name, doc)
+    head = ("benchmark", "workload", "implementation", "rate", "note")
+    widths = [max(len(h), *(len(t[i]) for t in rows)) for i, h in enumerate(head)]
+    widths[4] = min(widths[4], 60)
+    out.write("\n" + "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip() + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for t in rows:
+        cells = [c if i != 4 else c[:60] for i, c in enumerate(t)]
+        out.write("  ".join(c.rjust(w) if i == 3 else c.ljust(w)
+                            for i, (c, w) in enumerate(zip(cells, widths))).rstrip() + "\n")
+    if targets:
+        out.write("\ntargets:\n" + "\n".join(targets) + "\n")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"quick": args.quick, "scripts": scripts, "results": docs,
+                       "table": [dict(zip(head, t)) for t in rows]}, f, indent=2)
+        out.write(f"\nwrote {args.json}\n")
+    if failed:
+        out.write(f"\n{failed} benchmark script(s) failed\n")
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -31,6 +31,7 @@ silent.
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -275,88 +276,104 @@ def _own_methods(dev: Any, cls: type) -> bool:
 
 
 class _Adapter:
-    """How one device object maps to a dstate row (internal)."""
+    """How one device object maps to a dstate row (internal).
+
+    ``key(dev)`` is a cheap snapshot of everything the row depends on (scalar
+    state and the identities of shared buffers); the row is rebuilt only when
+    it changes, so re-reading the devices after a Python call costs one tuple
+    per device. ``row`` validates and returns the 16 words, or None when the
+    object is not in a state the compiled form handles (then Python serves it).
+    """
 
     kind = K.DEV_PY
     outputs = False
 
     def __init__(self, dev: Any) -> None:
         self.dev = dev
+        self.cache: Any = None
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        return False
+    def key(self, d: Any) -> Any:
+        return None
 
-    def store(self, w: np.ndarray) -> None:
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        return None
+
+    def store(self, w: list[int], d: Any) -> None:
         pass
 
     def emit(self, data: np.ndarray) -> None:
         pass
 
 
+def _u8(*vals: Any) -> bool:
+    return all(type(v) is int and 0 <= v <= 0xFF for v in vals)
+
+
+def _u64(*vals: Any) -> bool:
+    return all(type(v) is int and 0 <= v <= U64_MASK for v in vals)
+
+
+def _words(kind: int, *vals: int) -> list[int]:
+    w = [kind, 0, *vals]
+    return w + [0] * (K.NWORDS - len(w))
+
+
 class _LatchAdapter(_Adapter):
     kind = K.DEV_LATCH
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        d = self.dev
-        if not _is_int(d.value, U64_MASK) or type(d.writable) is not bool:
-            return False
-        w[K.W_LATCH_VALUE] = d.value
-        w[K.W_LATCH_WRITABLE] = int(d.writable)
-        return True
+    def key(self, d: Any) -> Any:
+        return (d.value, d.writable)
 
-    def store(self, w: np.ndarray) -> None:
-        self.dev.value = int(w[K.W_LATCH_VALUE])
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        if not _u64(d.value) or type(d.writable) is not bool:
+            return None
+        return _words(self.kind, d.value, int(d.writable))
+
+    def store(self, w: list[int], d: Any) -> None:
+        d.value = w[K.W_LATCH_VALUE]
 
 
 class _SinkAdapter(_Adapter):
     kind = K.DEV_SINK
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        d = self.dev
-        vals = (d.readback, d.reads, d.writes, d.bytes_read, d.bytes_written)
-        if not all(_is_int(v, U64_MASK) for v in vals):
-            return False
-        (w[K.W_SINK_READBACK], w[K.W_SINK_READS], w[K.W_SINK_WRITES], w[K.W_SINK_RBYTES],
-         w[K.W_SINK_WBYTES]) = vals
-        return True
+    def key(self, d: Any) -> Any:
+        return (d.readback, d.reads, d.writes, d.bytes_read, d.bytes_written)
 
-    def store(self, w: np.ndarray) -> None:
-        d = self.dev
-        d.reads = int(w[K.W_SINK_READS])
-        d.writes = int(w[K.W_SINK_WRITES])
-        d.bytes_read = int(w[K.W_SINK_RBYTES])
-        d.bytes_written = int(w[K.W_SINK_WBYTES])
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        vals = self.key(d)
+        return _words(self.kind, *vals) if _u64(*vals) else None
+
+    def store(self, w: list[int], d: Any) -> None:
+        d.reads = w[K.W_SINK_READS]
+        d.writes = w[K.W_SINK_WRITES]
+        d.bytes_read = w[K.W_SINK_RBYTES]
+        d.bytes_written = w[K.W_SINK_WBYTES]
 
 
-_UART_REGS = ("ier", "lcr", "mcr", "fcr", "scr", "dll", "dlm", "rbr", "msr_delta", "modem_lines")
-_UART_WORDS = (K.W_UART_IER, K.W_UART_LCR, K.W_UART_MCR, K.W_UART_FCR, K.W_UART_SCR, K.W_UART_DLL,
-               K.W_UART_DLM, K.W_UART_RBR, K.W_UART_MSR_DELTA, K.W_UART_MODEM_LINES)
+# W_UART_IER .. W_UART_MSR_DELTA and W_UART_MODEM_LINES, in word order
+_UART_REGS = ("ier", "lcr", "mcr", "fcr", "scr", "dll", "dlm", "rbr")
+_UART_KEY = operator.attrgetter("base", *_UART_REGS, "thr_ipending", "msr_delta", "modem_lines", "rx", "on_tx")
 
 
 class _UartAdapter(_Adapter):
     kind = K.DEV_UART
     outputs = True
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        d = self.dev
-        vals = [getattr(d, n) for n in _UART_REGS]
-        if (not all(_is_int(v, 0xFF) for v in vals) or type(d.thr_ipending) is not bool
-                or not isinstance(d.rx, bytearray) or not isinstance(d.tx, bytearray)
-                or not _is_int(d.base, 0xFFF8)):
-            return False
-        w[K.W_UART_BASE] = d.base
-        for word, v in zip(_UART_WORDS, vals):
-            w[word] = v
-        w[K.W_UART_THR_IPENDING] = int(d.thr_ipending)
-        w[K.W_UART_RX_LEN] = len(d.rx)
-        w[K.W_UART_ON_TX] = int(d.on_tx is not None)
-        return True
+    def key(self, d: Any) -> Any:
+        k = _UART_KEY(d)
+        return k[:-2] + (len(k[-2]), k[-1] is None)
 
-    def store(self, w: np.ndarray) -> None:
-        d = self.dev
-        for name, word in zip(_UART_REGS, _UART_WORDS):
-            setattr(d, name, int(w[word]))
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        base, *regs, thr, delta, lines, rx, on_tx = _UART_KEY(d)
+        if (not _u8(*regs, delta, lines) or type(thr) is not bool or not isinstance(rx, bytearray)
+                or not isinstance(d.tx, bytearray) or not (type(base) is int and 0 <= base <= 0xFFF8)):
+            return None
+        return _words(self.kind, base, *regs, int(thr), delta, lines, len(rx), int(on_tx is not None))
+
+    def store(self, w: list[int], d: Any) -> None:
+        (d.ier, d.lcr, d.mcr, d.fcr, d.scr, d.dll, d.dlm, d.rbr) = w[K.W_UART_IER:K.W_UART_RBR + 1]
         d.thr_ipending = bool(w[K.W_UART_THR_IPENDING])
+        d.msr_delta = w[K.W_UART_MSR_DELTA]
 
     def emit(self, data: np.ndarray) -> None:
         self.dev.tx += data.tobytes()
@@ -366,11 +383,13 @@ class _PostAdapter(_Adapter):
     kind = K.DEV_POST
     outputs = True
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        if not isinstance(self.dev.codes, list):
-            return False
-        w[K.W_POST_ON_CODE] = int(self.dev.on_code is not None)
-        return True
+    def key(self, d: Any) -> Any:
+        return (d.on_code is None, type(d.codes))
+
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        if not isinstance(d.codes, list):
+            return None
+        return _words(self.kind, int(d.on_code is not None))
 
     def emit(self, data: np.ndarray) -> None:
         self.dev.codes.extend(data.tolist())
@@ -380,13 +399,13 @@ class _DebugconAdapter(_Adapter):
     kind = K.DEV_DEBUGCON
     outputs = True
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        d = self.dev
-        if not _is_int(d.readback, 0xFF) or not isinstance(d.buf, bytearray):
-            return False
-        w[K.W_DCON_READBACK] = d.readback
-        w[K.W_DCON_ON_WRITE] = int(d.on_write is not None)
-        return True
+    def key(self, d: Any) -> Any:
+        return (d.readback, d.on_write is None, type(d.buf))
+
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        if not _u8(d.readback) or not isinstance(d.buf, bytearray):
+            return None
+        return _words(self.kind, d.readback, int(d.on_write is not None))
 
     def emit(self, data: np.ndarray) -> None:
         self.dev.buf += data.tobytes()
@@ -395,38 +414,48 @@ class _DebugconAdapter(_Adapter):
 class _CmosAdapter(_Adapter):
     kind = K.DEV_CMOS
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        d = self.dev
-        if (not _is_int(d.base, 0xFFFE) or not _is_int(d.index, 0x7F) or type(d.nmi_disabled) is not bool
-                or not isinstance(d.data, bytearray) or len(d.data) != 128):
-            return False
-        w[K.W_CMOS_BASE] = d.base
-        w[K.W_CMOS_INDEX] = d.index
-        w[K.W_CMOS_NMI] = int(d.nmi_disabled)
-        w[K.W_CMOS_BUF] = plan.buf_index(d.data)
-        return True
+    def key(self, d: Any) -> Any:
+        return (d.base, d.index, d.nmi_disabled, id(d.data))
 
-    def store(self, w: np.ndarray) -> None:
-        self.dev.index = int(w[K.W_CMOS_INDEX])
-        self.dev.nmi_disabled = bool(w[K.W_CMOS_NMI])
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        if (not (type(d.base) is int and 0 <= d.base <= 0xFFFE) or not (type(d.index) is int and 0 <= d.index <= 0x7F)
+                or type(d.nmi_disabled) is not bool or not isinstance(d.data, bytearray) or len(d.data) != 128):
+            return None
+        return _words(self.kind, d.base, d.index, int(d.nmi_disabled), plan.buf_index(d.data))
+
+    def store(self, w: list[int], d: Any) -> None:
+        d.index = w[K.W_CMOS_INDEX]
+        d.nmi_disabled = bool(w[K.W_CMOS_NMI])
+
+
+_FN_KEY = operator.attrgetter("config", "wmask", "w1cmask")
 
 
 class _PciAdapter(_Adapter):
     kind = K.DEV_PCI
 
-    def load(self, w: np.ndarray, plan: _Plan) -> bool:
-        d = self.dev
-        if (not _is_int(d.base, 0xFFF8) or not _is_int(d.config_address, _U32) or not _is_int(d.rcr, 0xFF)
-                or not _is_int(d.reset_requests, U64_MASK) or not isinstance(d.functions, dict)):
-            return False
+    def __init__(self, dev: Any) -> None:
+        super().__init__(dev)
+        self.rows: list[tuple[int, int, int, int, int]] = []
+
+    def key(self, d: Any) -> Any:
+        fns = tuple((k, f, type(f), "write" in getattr(f, "__dict__", ()), *map(id, _FN_KEY(f)))
+                    for k, f in d.functions.items())
+        return (d.base, d.config_address, d.rcr, d.reset_requests, fns)
+
+    def row(self, d: Any, plan: _Plan) -> list[int] | None:
+        if (not (type(d.base) is int and 0 <= d.base <= 0xFFF8) or not _u64(d.reset_requests)
+                or not (type(d.config_address) is int and 0 <= d.config_address <= _U32) or not _u8(d.rcr)
+                or not isinstance(d.functions, dict)):
+            return None
         rows: list[tuple[int, int, int, int, int]] = []
         for key, fn in d.functions.items():
-            if (not isinstance(key, tuple) or len(key) != 3 or not _is_int(key[0], 0xFF)
-                    or not _is_int(key[1], 0x1F) or not _is_int(key[2], 7)):
-                return False
+            if (not isinstance(key, tuple) or len(key) != 3 or not _u8(key[0])
+                    or not (type(key[1]) is int and 0 <= key[1] <= 0x1F) or not (type(key[2]) is int and 0 <= key[2] <= 7)):
+                return None
             cfg = getattr(fn, "config", None)
             if not isinstance(cfg, bytearray) or len(cfg) != 256:
-                return False
+                return None
             # PciHost reads config bytes itself; writes go through fn.write (the masks).
             compiled = (type(fn) is PciFunction and "write" not in getattr(fn, "__dict__", {})
                         and isinstance(fn.wmask, bytearray) and len(fn.wmask) == 256
@@ -435,22 +464,16 @@ class _PciAdapter(_Adapter):
                          plan.buf_index(fn.wmask) if compiled else 0,
                          plan.buf_index(fn.w1cmask) if compiled else 0, int(compiled)))
         rows.sort()
-        w[K.W_PCI_BASE] = d.base
-        w[K.W_PCI_ADDR] = d.config_address
-        w[K.W_PCI_RCR] = d.rcr
-        w[K.W_PCI_RESETS] = d.reset_requests
-        w[K.W_PCI_FN0] = len(plan.pcifn_rows)
-        w[K.W_PCI_NFN] = len(rows)
-        w[K.W_PCI_CACHE_ADDR] = U64_MASK
-        w[K.W_PCI_CACHE_ROW] = U64_MASK
-        plan.pcifn_rows.extend(rows)
-        return True
+        self.rows = rows
+        plan.pcifn_dirty = True
+        # FN0 / NFN are filled in when plan.pcifn is assembled; no cached target.
+        return _words(self.kind, d.base, d.config_address, d.rcr, d.reset_requests, 0, len(rows),
+                      U64_MASK, U64_MASK)
 
-    def store(self, w: np.ndarray) -> None:
-        d = self.dev
-        d.config_address = int(w[K.W_PCI_ADDR])
-        d.rcr = int(w[K.W_PCI_RCR])
-        d.reset_requests = int(w[K.W_PCI_RESETS])
+    def store(self, w: list[int], d: Any) -> None:
+        d.config_address = w[K.W_PCI_ADDR]
+        d.rcr = w[K.W_PCI_RCR]
+        d.reset_requests = w[K.W_PCI_RESETS]
 
 
 def _adapter_for(dev: Any, spans: list[tuple[int, int]]) -> _Adapter:
@@ -548,7 +571,7 @@ class _Plan:
         self.ranges = np.zeros((0, 4), dtype=np.int64)
         self.dstate = np.zeros((0, K.NWORDS), dtype=np.uint64)
         self.pcifn = np.zeros((0, 5), dtype=np.int64)
-        self.pcifn_rows: list[tuple[int, int, int, int, int]] = []
+        self.pcifn_dirty = False
         self.bufs: list[np.ndarray] = []
         self._buf_ids: dict[int, int] = {}
         self.outbuf = np.zeros(0, dtype=np.uint32)
@@ -633,27 +656,49 @@ class _Plan:
         cfg[K.CFG_OUTCAP] = rows
         cfg[K.CFG_LOGCAP] = lrows
         self.stats[:] = 0
+        self.bufs = []
+        self._buf_ids = {}
+        self.pcifn_dirty = True
         self.load()
 
     def buf_index(self, obj: bytearray) -> int:
+        """Index in :attr:`bufs` of a view of ``obj`` (made once per run)."""
         i = self._buf_ids.get(id(obj))
         if i is None or not _views(self.bufs[i], obj):
             i = len(self.bufs)
-            self.bufs.append(np.frombuffer(obj, dtype=np.uint8))
+            self.bufs = self.bufs + [np.frombuffer(obj, dtype=np.uint8)]    # a new list: the kernel re-binds
             self._buf_ids[id(obj)] = i
         return i
 
     # ------------------------------------------------------------ sync
     def load(self) -> None:
-        """Objects -> arrays (at the start of a run and after every Python call)."""
-        self.bufs = []
-        self._buf_ids = {}
-        self.pcifn_rows = []
+        """Objects -> arrays (at the start of a run and after every Python call).
+
+        Only devices whose snapshot key changed are re-read."""
+        ds = self.dstate
         for i, a in enumerate(self.adapters):
-            w = self.dstate[i]
-            w[:] = 0
-            w[K.W_KIND] = a.kind if a.load(w, self) else K.DEV_PY
-        self.pcifn = np.array(self.pcifn_rows, dtype=np.int64).reshape(-1, 5)
+            if a.kind == K.DEV_PY:
+                continue
+            try:
+                k = a.key(a.dev)
+                if k == a.cache:
+                    continue
+                row = a.row(a.dev, self)
+            except (AttributeError, TypeError):
+                k, row = None, None             # not in a shape the compiled form knows: Python serves it
+            ds[i] = row if row is not None else _words(K.DEV_PY)
+            a.cache = k
+        if self.pcifn_dirty:
+            rows: list[tuple[int, int, int, int, int]] = []
+            for i, a in enumerate(self.adapters):
+                if isinstance(a, _PciAdapter) and ds[i, K.W_KIND] == K.DEV_PCI:
+                    ds[i, K.W_PCI_FN0] = len(rows)
+                    ds[i, K.W_PCI_NFN] = len(a.rows)
+                    ds[i, K.W_PCI_CACHE_ADDR] = U64_MASK
+                    ds[i, K.W_PCI_CACHE_ROW] = U64_MASK
+                    rows += a.rows
+            self.pcifn = np.array(rows, dtype=np.int64).reshape(-1, 5)
+            self.pcifn_dirty = False
 
     def store(self) -> None:
         """Arrays -> objects: buffered output and the scalar state the kernel changed."""
@@ -670,16 +715,23 @@ class _Plan:
                 for d in np.unique(devs).tolist():
                     self.adapters[d].emit(data[devs == d])
             st[K.S_OUT_N] = 0
-        ds = self.dstate
-        for i, a in enumerate(self.adapters):
-            if ds[i, K.W_DIRTY] and ds[i, K.W_KIND] != K.DEV_PY:
-                a.store(ds[i])
+        if st[K.S_DIRTY]:
+            ds = self.dstate
+            for i in np.flatnonzero(ds[:, K.W_DIRTY]).tolist():
+                a = self.adapters[i]
+                w = ds[i].tolist()
+                if w[K.W_KIND] != K.DEV_PY:
+                    a.store(w, a.dev)
+                    a.cache = a.key(a.dev)
                 ds[i, K.W_DIRTY] = 0
+            st[K.S_DIRTY] = 0
 
     def release(self) -> None:
         """Drop the views on device buffers (they block resizing the bytearrays)."""
         self.bufs = []
         self._buf_ids = {}
+        for a in self.adapters:
+            a.cache = None
 
     # ------------------------------------------------------------ the kernel's calls into Python
     def callback(self, op: int, a: int, b: int, c: int, d: int) -> int:
@@ -700,7 +752,7 @@ class _Plan:
                 self.pending = exc
                 return -2
             finally:
-                self.load()
+                self.load()             # the Python code may have changed any device
             return v | (K.CB_ERROR if bus.error_count != errors else 0)
         except BaseException as exc:    # noqa: BLE001 - re-raised by the driver after the sync
             self.pending = exc
