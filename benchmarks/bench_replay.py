@@ -181,7 +181,7 @@ def measure(n: int, n_loop: int, repeat: int) -> list[dict[str, Any]]:
         rp = Replayer(m)
         rp._core = _active
         out = np.zeros(n, dtype=RESULT_DTYPE)
-        big = n if name in ("latch_in_out", "pc_mix") else n_loop * 10
+        big = n if name in ("latch_in_out", "pc_mix") else min(n, n_loop * 10)
         evb, outb = ev[:big].copy(), out[:big]
         t = timed(lambda: rp.run(evb, out=outb), repeat)
         rows.append(dict(workload=name, impl=f"replay ({BACKEND}, reused out)", events=big, seconds=t))
@@ -291,7 +291,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 10^5 events, 10^6-event file, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="smoke run: 10^4 events, 2*10^5-event file, 1 repeat")
     p.add_argument("--events", type=int, default=None, help="events per replay run (default 10^7)")
     p.add_argument("--loop-events", type=int, default=None, help="events per execute loop (default 20000)")
     p.add_argument("--file-events", type=int, default=None, help="events in the memory-mapped file (default 10^8)")
@@ -305,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         path, n, chunk = args.child_memmap
         child_memmap(path, int(n), int(chunk))
         return 0
-    n = args.events or (100_000 if args.quick else 10_000_000)
-    n_loop = min(n, args.loop_events or (2_000 if args.quick else 20_000))
-    n_file = args.file_events or (1_000_000 if args.quick else 100_000_000)
+    n = args.events or (10_000 if args.quick else 10_000_000)
+    n_loop = min(n, args.loop_events or (500 if args.quick else 20_000))
+    n_file = args.file_events or (200_000 if args.quick else 100_000_000)
     repeat = args.repeat or (1 if args.quick else 5)
     if min(n, n_loop, n_file, repeat, args.chunk) < 1:
         p.error("counts must be >= 1")

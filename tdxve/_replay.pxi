@@ -57,7 +57,8 @@ cdef enum:
     RP_S_CB_R10 = 11
     RP_S_CB_R11 = 12
     RP_S_DIRTY = 13
-    RP_NSTAT = 14
+    RP_S_TOUCHED = 14
+    RP_NSTAT = 15
 
     RP_DEV_PY = 0
     RP_DEV_LATCH = 1
@@ -147,7 +148,8 @@ def _rp_check_layout():
         "S_NEXT": RP_S_NEXT, "S_VES": RP_S_VES, "S_VMCALLS": RP_S_VMCALLS, "S_TDCALLS": RP_S_TDCALLS,
         "S_IO_CALLS": RP_S_IO_CALLS, "S_INVALID": RP_S_INVALID, "S_UNASSIGNED": RP_S_UNASSIGNED,
         "S_SPLITS": RP_S_SPLITS, "S_OUT_N": RP_S_OUT_N, "S_LOG_N": RP_S_LOG_N, "S_LAST": RP_S_LAST,
-        "S_CB_R10": RP_S_CB_R10, "S_CB_R11": RP_S_CB_R11, "S_DIRTY": RP_S_DIRTY, "NSTAT": RP_NSTAT,
+        "S_CB_R10": RP_S_CB_R10, "S_CB_R11": RP_S_CB_R11, "S_DIRTY": RP_S_DIRTY,
+        "S_TOUCHED": RP_S_TOUCHED, "NSTAT": RP_NSTAT,
         "DEV_PY": RP_DEV_PY, "DEV_LATCH": RP_DEV_LATCH, "DEV_SINK": RP_DEV_SINK, "DEV_UART": RP_DEV_UART,
         "DEV_POST": RP_DEV_POST, "DEV_DEBUGCON": RP_DEV_DEBUGCON, "DEV_CMOS": RP_DEV_CMOS,
         "DEV_PCI": RP_DEV_PCI, "NWORDS": RP_NWORDS, "W_KIND": RP_W_KIND, "W_DIRTY": RP_W_DIRTY,
@@ -220,6 +222,7 @@ ctypedef struct rp_ctx:
     Py_ssize_t npcifn
     uint64_t* stats
     uint64_t* ports             # [65536][4]
+    uint16_t* touched           # [65536]: ports whose counters became non-zero
     uint32_t* outbuf
     uint64_t* logbuf            # [logcap][6]
     PyObject* keep              # list [dstate, pcifn, bufs, tuple(bufs)]: the bound objects, kept alive
@@ -260,12 +263,14 @@ cdef int _rp_bind_static(rp_ctx* c, object plan, list hold) except -1:
     ports = _rp_array(plan, "ports", np.uint64, 1)
     outbuf = _rp_array(plan, "outbuf", np.uint32, 1)
     logbuf = _rp_array(plan, "logbuf", np.uint64, 2)
+    touched = _rp_array(plan, "touched", np.uint16, 1)
     if (flt.shape[0] != 0x10000 or slots.shape[0] != 0x10000 or ranges.shape[1] != 4
             or stats.shape[0] != RP_NSTAT or ports.shape[0] != 0x10000 * 4
             or outbuf.shape[0] < c.cfg[RP_CFG_OUTCAP] or logbuf.shape[0] < c.cfg[RP_CFG_LOGCAP]
-            or logbuf.shape[1] != 6):
+            or logbuf.shape[1] != 6 or touched.shape[0] != 0x10000):
         raise _RP_InvalidArgumentError("replay plan arrays have the wrong shapes")
-    hold += [flt, slots, ranges, stats, ports, outbuf, logbuf]
+    hold += [flt, slots, ranges, stats, ports, outbuf, logbuf, touched]
+    c.touched = <uint16_t*>cnp.PyArray_DATA(touched)
     c.filter = <const uint8_t*>cnp.PyArray_DATA(flt)
     c.slots = <const int32_t*>cnp.PyArray_DATA(slots)
     c.ranges = <const int64_t*>cnp.PyArray_DATA(ranges)
@@ -888,6 +893,9 @@ cdef int _rp_host_io(rp_ctx* c, uint64_t size, uint64_t write, uint64_t port, ui
         r11[0] = RP_IO_SUBFN
         return 0
     pc = c.ports + 4 * port
+    if pc[0] == 0 and pc[1] == 0 and c.stats[RP_S_TOUCHED] < 0x10000:
+        c.touched[c.stats[RP_S_TOUCHED]] = <uint16_t>port
+        c.stats[RP_S_TOUCHED] += 1
     c.dev_err = 0
     r = c.slots[port]
     if write:

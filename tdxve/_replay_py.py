@@ -31,8 +31,9 @@ or -1), ``ranges`` (int64[n, 4]: first, last, size mask, device), ``dstate``
 arrays shared with the device objects), ``pcifn`` (int64[n, 5]: PCI
 functions), ``stats`` (uint64, ``S_*``), ``ports`` (uint64[65536 * 4]:
 reads, writes, read bytes, write bytes), ``outbuf`` (uint32: device << 8 |
-byte, for UART/POST/debugcon output), ``logbuf`` (int64[n, 6]: one row per
-host event log record) and ``callback(op, a, b, c, d) -> int`` for
+byte, for UART/POST/debugcon output), ``logbuf`` (uint64[n, 6]: one row per
+host event log record), ``touched`` (uint16[65536]: ports whose ``ports``
+counters became non-zero, ``stats[S_TOUCHED]`` of them) and ``callback(op, a, b, c, d) -> int`` for
 everything that needs Python (``CB_*``).
 """
 
@@ -90,7 +91,8 @@ S_LAST = 10             # 1 + index of the last event that took a #VE (0: none)
 S_CB_R10 = 11           # CB_TDVMCALL results
 S_CB_R11 = 12
 S_DIRTY = 13            # some device's W_DIRTY is set
-NSTAT = 14
+S_TOUCHED = 14          # ports listed in plan.touched (their counters went from 0 to non-0)
+NSTAT = 15
 
 # device kinds (dstate[d, W_KIND])
 DEV_PY = 0
@@ -601,6 +603,11 @@ def _host_io(plan: Any, size: int, write: int, port: int, r15: int, reply: int) 
         return INVALID_OPERAND, IO_SUBFN
     base = port * 4
     ports = plan.ports
+    if not ports[base] and not ports[base + 1]:
+        t = int(stats[S_TOUCHED])
+        if t < 0x10000:
+            plan.touched[t] = port
+            stats[S_TOUCHED] = t + 1
     err = [0, 0]
     if write:
         value = r15 & _MASK[size]   # only `size` bytes of R15 reach the device
@@ -656,11 +663,12 @@ def _check_static(plan: Any) -> None:
     stats = _array(plan, "stats", np.uint64, 1)
     ports = _array(plan, "ports", np.uint64, 1)
     outbuf = _array(plan, "outbuf", np.uint32, 1)
+    touched = _array(plan, "touched", np.uint16, 1)
     logbuf = _array(plan, "logbuf", np.uint64, 2)
     if (flt.shape[0] != 0x10000 or slots.shape[0] != 0x10000 or ranges.shape[1] != 4
             or stats.shape[0] != NSTAT or ports.shape[0] != 0x10000 * 4
             or outbuf.shape[0] < cfg[CFG_OUTCAP] or logbuf.shape[0] < cfg[CFG_LOGCAP]
-            or logbuf.shape[1] != 6):
+            or logbuf.shape[1] != 6 or touched.shape[0] != 0x10000):
         raise InvalidArgumentError("replay plan arrays have the wrong shapes")
     if int(stats[S_OUT_N]) > int(cfg[CFG_OUTCAP]) or int(stats[S_LOG_N]) > int(cfg[CFG_LOGCAP]):
         raise InvalidArgumentError("replay plan.stats output counts exceed the capacities")

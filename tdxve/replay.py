@@ -567,6 +567,7 @@ class _Plan:
         self.cfg = np.zeros(K.NCFG, dtype=np.int64)
         self.stats = np.zeros(K.NSTAT, dtype=np.uint64)
         self.ports = np.zeros(0x10000 * 4, dtype=np.uint64)
+        self.touched = np.zeros(0x10000, dtype=np.uint16)
         self.slots = np.full(0x10000, -1, dtype=np.int32)
         self.ranges = np.zeros((0, 4), dtype=np.int64)
         self.dstate = np.zeros((0, K.NWORDS), dtype=np.uint64)
@@ -804,7 +805,7 @@ class _Plan:
             if inv:
                 hs.failures[_INVALID_OPERAND] = hs.failures.get(_INVALID_OPERAND, 0) + inv
             counts = self.ports.reshape(-1, 4)
-            touched = np.flatnonzero(counts.any(axis=1))
+            touched = self.touched[:int(st[K.S_TOUCHED])].astype(np.intp)
             io = hs.io.counts
             for p, row in zip(touched.tolist(), counts[touched].tolist()):
                 c = io.get(p)

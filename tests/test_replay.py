@@ -548,3 +548,65 @@ def test_chunked_memmap_replay_keeps_the_resident_set_small(tmp_path, run_python
     n, grew = map(int, r.stdout.split())
     assert n == 64 << 16
     assert grew < 48 << 20, f"peak RSS grew by {grew >> 20} MiB for a 128 MiB file"
+
+
+class Meddler:
+    """A Python device that reads and changes compiled devices' state."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def read(self, port, size):
+        h = self.host
+        return h.cmos.index | h.uart.scr << 8 | (h.pci.config_address & 0xFF) << 16 | len(h.uart.tx) << 24
+
+    def write(self, port, size, value):
+        h = self.host
+        h.uart.scr = value & 0xFF
+        h.cmos.index = (value >> 8) & 0x7F
+        h.uart.tx += b"#"                               # output order with the compiled THR bytes
+        h.pci.add(2, value & 0x1F, 0, R.PciFunction(0x1234, value & 0xFFFF)) \
+            if (2, value & 0x1F, 0) not in h.pci.functions else h.pci.remove(2, value & 0x1F, 0)
+
+
+@pytest.mark.parametrize("core", KERNELS)
+def test_python_devices_see_and_change_compiled_state(core):
+    """Device state stays consistent both ways around a Python call: the Python device
+    reads what the compiled forms wrote so far and its changes reach them."""
+    def mk():
+        m = Machine()
+        m.host.bus.register(0x7000, 1, Meddler(m.host), sizes=(1, 2, 4))
+        return m
+
+    rng = np.random.default_rng(8)
+    n = 4000
+    ports = rng.choice([0x7000, 0x3F8, 0x3FF, 0x70, 0x71, 0xCF8, 0xCFC, 0xCFD], n)
+    sizes = np.where(np.isin(ports, [0xCF8, 0xCFC]), 4, np.where(ports == 0x7000, 2, 1))
+    rax = np.where(ports == 0xCF8, 0x80000000 | (rng.integers(0, 32, n) << 11) | (2 << 16) * rng.integers(0, 2, n),
+                   rng.integers(0, 1 << 16, n))
+    ev = R.io_events(ports, sizes, rng.random(n) < 0.5, rax=rax)
+    a, b = mk(), mk()
+    ref = reference(a, ev)
+    got = run(ev, b, core)
+    assert not first_mismatch(ref, got, ev)
+    assert not diff_snapshots(snapshot(a), snapshot(b))
+    assert b"#" in b.host.uart.output and len(b.host.pci.functions) > 1
+
+
+@pytest.mark.parametrize("core", KERNELS)
+def test_bus_unassigned_reply_is_honoured_in_machine_mode(core):
+    ev = random_events(16, 3000)
+
+    def mk():
+        m = make_machine("linux", "normal")
+        m.host.bus.unassigned_reply = 0x8899AABBCCDDEEFF
+        return m
+
+    a, b = mk(), mk()
+    ref = reference(a, ev)
+    got = run(ev, b, core)
+    assert not first_mismatch(ref, got, ev)
+    assert not diff_snapshots(snapshot(a), snapshot(b))
+    q = ev["exit_qual"] & 0xFFFF001F
+    inl = q == 0x1234000B                                   # IN EAX from an unassigned port
+    assert inl.sum() > 5 and (got["rax"][inl] == 0xCCDDEEFF).all()
