@@ -226,3 +226,10 @@ def test_batch_out_must_not_overlap_input(core):
     ro.flags.writeable = False
     with pytest.raises(InvalidArgumentError):
         core.decode_exit_quals(np.arange(4, dtype=np.uint64), out=ro)
+
+
+@pytest.mark.parametrize("values", [[0, True], (False, 5), [np.bool_(True)]])
+def test_batch_rejects_bools_inside_sequences(core, values):
+    """A bool is rejected as a scalar, so it is rejected inside a list too (docs/bad-input.md)."""
+    with pytest.raises(InvalidArgumentError):
+        core.decode_exit_quals(values)
