@@ -43,6 +43,7 @@ from .errors import (
     HostError,
     InstructionTooLongError,
     InvalidArgumentError,
+    InvariantViolation,
     LockPrefixError,
     NotPortIoError,
     RegisterValueError,
@@ -99,6 +100,6 @@ __all__ = [
     "InstructionTooLongError", "ExitQualError",
     "GuestFault", "EarlyPanic", "VeFault", "DoubleFault", "VeLoopError",
     "GuestMemoryFault", "UnsupportedExitError", "GuestPanic", "GeneralProtectionFault",
-    "StringIoLimitError",
+    "StringIoLimitError", "InvariantViolation",
     "HostError", "DeviceError", "BusConfigError", "EmbedError", "AttachError",
 ]
