@@ -19,7 +19,6 @@ from libc.string cimport memset
 
 from . import _replay_py as _RP
 from .abi import EVENT_DTYPE as _RP_EVENT_DTYPE, RESULT_DTYPE as _RP_RESULT_DTYPE
-from .errors import InvalidArgumentError as _RP_InvalidArgumentError
 
 
 # ---------------------------------------------------------------- layout (== _replay_py)
@@ -239,8 +238,7 @@ cdef object _rp_array(object plan, str name, object dtype, int ndim):
     a = getattr(plan, name)
     if (not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim
             or not a.flags.c_contiguous or not a.flags.writeable):
-        raise _RP_InvalidArgumentError(
-            f"replay plan.{name} must be a writeable C-contiguous {ndim}-D {np.dtype(dtype)} array")
+        raise _RP.plan_error("array", name, ndim, np.dtype(dtype))
     return a
 
 
@@ -250,12 +248,12 @@ cdef int _rp_bind_static(rp_ctx* c, object plan, list hold) except -1:
     cdef Py_ssize_t i
     cfg = _rp_array(plan, "cfg", np.int64, 1)
     if cfg.shape[0] != RP_NCFG:
-        raise _RP_InvalidArgumentError(f"replay plan.cfg must have {RP_NCFG} entries")
+        raise _RP.plan_error("cfg_len")
     for i in range(RP_NCFG):
         c.cfg[i] = (<const int64_t*>cnp.PyArray_DATA(cfg))[i]
     if not (RP_MERGE_2022 <= c.cfg[RP_CFG_MERGE] <= RP_MERGE_ARCH and 1 <= c.cfg[RP_CFG_LOOP] <= 0xFFFF
             and c.cfg[RP_CFG_OUTCAP] >= 0 and c.cfg[RP_CFG_LOGCAP] >= 0):
-        raise _RP_InvalidArgumentError("replay plan.cfg has an out-of-range merge, loop limit or capacity")
+        raise _RP.plan_error("cfg_range")
     flt = _rp_array(plan, "filter", np.uint8, 1)
     slots = _rp_array(plan, "slots", np.int32, 1)
     ranges = _rp_array(plan, "ranges", np.int64, 2)
@@ -268,7 +266,7 @@ cdef int _rp_bind_static(rp_ctx* c, object plan, list hold) except -1:
             or stats.shape[0] != RP_NSTAT or ports.shape[0] != 0x10000 * 4
             or outbuf.shape[0] < c.cfg[RP_CFG_OUTCAP] or logbuf.shape[0] < c.cfg[RP_CFG_LOGCAP]
             or logbuf.shape[1] != 6 or touched.shape[0] != 0x10000):
-        raise _RP_InvalidArgumentError("replay plan arrays have the wrong shapes")
+        raise _RP.plan_error("shapes")
     hold += [flt, slots, ranges, stats, ports, outbuf, logbuf, touched]
     c.touched = <uint16_t*>cnp.PyArray_DATA(touched)
     c.filter = <const uint8_t*>cnp.PyArray_DATA(flt)
@@ -280,10 +278,10 @@ cdef int _rp_bind_static(rp_ctx* c, object plan, list hold) except -1:
     c.outbuf = <uint32_t*>cnp.PyArray_DATA(outbuf)
     c.logbuf = <uint64_t*>cnp.PyArray_DATA(logbuf)
     if c.stats[RP_S_OUT_N] > <uint64_t>c.cfg[RP_CFG_OUTCAP] or c.stats[RP_S_LOG_N] > <uint64_t>c.cfg[RP_CFG_LOGCAP]:
-        raise _RP_InvalidArgumentError("replay plan.stats output counts exceed the capacities")
+        raise _RP.plan_error("counts")
     for i in range(0x10000):
         if c.slots[i] < -1 or c.slots[i] >= c.nranges:
-            raise _RP_InvalidArgumentError(f"replay plan.slots[{i:#x}] = {c.slots[i]} is not a range")
+            raise _RP.plan_error("slot", i, c.slots[i])
     return 0
 
 
@@ -306,13 +304,13 @@ cdef int _rp_bind_dynamic(rp_ctx* c, object plan) except -1:
             return _rp_check_contents(c)
     dstate = _rp_array(plan, "dstate", np.uint64, 2)
     if dstate.shape[1] != RP_NWORDS:
-        raise _RP_InvalidArgumentError(f"replay plan.dstate must have {RP_NWORDS} words per device")
+        raise _RP.plan_error("dstate_words")
     pcifn = _rp_array(plan, "pcifn", np.int64, 2)
     if pcifn.shape[1] != RP_NFCOLS:
-        raise _RP_InvalidArgumentError(f"replay plan.pcifn must have {RP_NFCOLS} columns")
+        raise _RP.plan_error("pcifn_cols")
     bufs = plan.bufs
     if type(bufs) is not list:
-        raise _RP_InvalidArgumentError("replay plan.bufs must be a list of uint8 arrays")
+        raise _RP.plan_error("bufs_list")
     n = len(bufs)
     if n > c.bufcap:
         p = <uint8_t**>realloc(c.bufs, n * sizeof(uint8_t*))
@@ -328,7 +326,7 @@ cdef int _rp_bind_dynamic(rp_ctx* c, object plan) except -1:
         b = bufs[i]
         if (not isinstance(b, np.ndarray) or b.dtype != np.uint8 or b.ndim != 1
                 or not b.flags.c_contiguous or not b.flags.writeable):
-            raise _RP_InvalidArgumentError(f"replay plan.bufs[{i}] must be a writeable 1-D uint8 array")
+            raise _RP.plan_error("buf", i)
         c.bufs[i] = <uint8_t*>cnp.PyArray_DATA(b)
         c.buflen[i] = b.shape[0]
     c.nbufs = n
@@ -349,29 +347,29 @@ cdef int _rp_check_contents(rp_ctx* c) except -1:
     for i in range(c.nranges):
         r = c.ranges + 4 * i
         if not (0 <= r[0] <= r[1] <= 0xFFFF and 0 <= r[3] < c.ndev and 0 <= r[2] <= 0x16):
-            raise _RP_InvalidArgumentError(f"replay plan.ranges[{i}] is inconsistent")
+            raise _RP.plan_error("range", i)
     for i in range(c.npcifn):
         f = c.pcifn + RP_NFCOLS * i
         if not (0 <= f[RP_F_CONFIG] < n and c.buflen[f[RP_F_CONFIG]] >= 256 and (
                 f[RP_F_COMPILED] == 0 or (0 <= f[RP_F_WMASK] < n and 0 <= f[RP_F_W1C] < n
                                           and c.buflen[f[RP_F_WMASK]] >= 256
                                           and c.buflen[f[RP_F_W1C]] >= 256))):
-            raise _RP_InvalidArgumentError(f"replay plan.pcifn[{i}] names a missing or short buffer")
+            raise _RP.plan_error("pcifn_row", i)
     for i in range(c.ndev):
         w = c.dstate + RP_NWORDS * i
         k = <Py_ssize_t>w[RP_W_KIND]
         if w[RP_W_KIND] > RP_DEV_PCI:
-            raise _RP_InvalidArgumentError(f"replay plan.dstate[{i}] has an unknown device kind")
+            raise _RP.plan_error("kind", i)
         if k == RP_DEV_CMOS and not (w[RP_W_CMOS_BUF] < <uint64_t>n and c.buflen[w[RP_W_CMOS_BUF]] >= 128
                                      and w[RP_W_CMOS_INDEX] <= 0x7F):
-            raise _RP_InvalidArgumentError(f"replay plan.dstate[{i}]: CMOS RAM buffer or index out of range")
+            raise _RP.plan_error("cmos", i)
         if k == RP_DEV_PCI:
             fn0 = <Py_ssize_t>w[RP_W_PCI_FN0]
             nfn = <Py_ssize_t>w[RP_W_PCI_NFN]
             if (w[RP_W_PCI_FN0] > <uint64_t>c.npcifn or w[RP_W_PCI_NFN] > <uint64_t>c.npcifn
                     or fn0 + nfn > c.npcifn
                     or (w[RP_W_PCI_CACHE_ROW] != RP_U64 and w[RP_W_PCI_CACHE_ROW] >= <uint64_t>c.npcifn)):
-                raise _RP_InvalidArgumentError(f"replay plan.dstate[{i}]: PCI function rows out of range")
+                raise _RP.plan_error("pci", i)
     return 0
 
 
@@ -1086,16 +1084,14 @@ def replay_kernel(plan, events, results, start, stop):
     cdef list hold = []
     if (not isinstance(events, np.ndarray) or events.dtype != _RP_EVENT_DTYPE or events.ndim != 1
             or not events.flags.c_contiguous):
-        raise _RP_InvalidArgumentError("events must be a C-contiguous 1-D EVENT_DTYPE array")
+        raise _RP.plan_error("events")
     if (not isinstance(results, np.ndarray) or results.dtype != _RP_RESULT_DTYPE or results.ndim != 1
             or not results.flags.c_contiguous or not results.flags.writeable):
-        raise _RP_InvalidArgumentError("results must be a writeable C-contiguous 1-D RESULT_DTYPE array")
+        raise _RP.plan_error("results")
     if type(start) is not int or type(stop) is not int:
-        raise _RP_InvalidArgumentError(f"start and stop must be ints, got {start!r}, {stop!r}")
+        raise _RP.plan_error("start_type", start, stop)
     if not 0 <= start <= stop <= min(events.shape[0], results.shape[0]):
-        raise _RP_InvalidArgumentError(
-            f"need 0 <= start <= stop <= len(events), len(results); got {start}, {stop} for "
-            f"{events.shape[0]} events and {results.shape[0]} results")
+        raise _RP.plan_error("start_range", start, stop, events.shape[0], results.shape[0])
     lo = start
     hi = stop
     cdef const rp_event* ev = <const rp_event*>cnp.PyArray_DATA(events)

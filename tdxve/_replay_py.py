@@ -46,7 +46,7 @@ import numpy as np
 from .abi import EVENT_DTYPE, RESULT_DTYPE
 from .errors import InvalidArgumentError
 
-__all__ = ["replay_kernel"]
+__all__ = ["replay_kernel"]  # plan_error and the layout constants are shared with _replay.pxi
 
 U64 = (1 << 64) - 1
 U32 = 0xFFFFFFFF
@@ -641,80 +641,106 @@ def _host_io(plan: Any, size: int, write: int, port: int, r15: int, reply: int) 
 # ==========================================================================
 # Plan checks (the compiled kernel's _rp_bind_static / _rp_bind_dynamic)
 # ==========================================================================
+_PLAN_ERRORS = {
+    "array": "replay plan.{0} must be a writeable C-contiguous {1}-D {2} array",
+    "cfg_len": f"replay plan.cfg must have {NCFG} entries",
+    "cfg_range": "replay plan.cfg has an out-of-range merge, loop limit or capacity",
+    "shapes": "replay plan arrays have the wrong shapes",
+    "counts": "replay plan.stats output counts exceed the capacities",
+    "slot": "replay plan.slots[{0:#x}] = {1} is not a range",
+    "dstate_words": f"replay plan.dstate must have {NWORDS} words per device",
+    "pcifn_cols": "replay plan.pcifn must have 5 columns",
+    "bufs_list": "replay plan.bufs must be a list of uint8 arrays",
+    "buf": "replay plan.bufs[{0}] must be a writeable 1-D uint8 array",
+    "range": "replay plan.ranges[{0}] is inconsistent",
+    "pcifn_row": "replay plan.pcifn[{0}] names a missing or short buffer",
+    "kind": "replay plan.dstate[{0}] has an unknown device kind",
+    "cmos": "replay plan.dstate[{0}]: CMOS RAM buffer or index out of range",
+    "pci": "replay plan.dstate[{0}]: PCI function rows out of range",
+    "events": "events must be a C-contiguous 1-D EVENT_DTYPE array",
+    "results": "results must be a writeable C-contiguous 1-D RESULT_DTYPE array",
+    "start_type": "start and stop must be ints, got {0!r}, {1!r}",
+    "start_range": ("need 0 <= start <= stop <= len(events), len(results); got {0}, {1} for "
+                    "{2} events and {3} results"),
+}
+
+
+def plan_error(key: str, *args: Any) -> InvalidArgumentError:
+    """The exception for a malformed replay plan or kernel argument (shared by both kernels)."""
+    return InvalidArgumentError(_PLAN_ERRORS[key].format(*args))
 def _array(plan: Any, name: str, dtype: Any, ndim: int) -> np.ndarray:
     a = getattr(plan, name)
     if (not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim
             or not a.flags.c_contiguous or not a.flags.writeable):
-        raise InvalidArgumentError(
-            f"replay plan.{name} must be a writeable C-contiguous {ndim}-D {np.dtype(dtype)} array")
+        raise plan_error("array", name, ndim, np.dtype(dtype))
     return a
 
 
 def _check_static(plan: Any) -> None:
     cfg = _array(plan, "cfg", np.int64, 1)
     if cfg.shape[0] != NCFG:
-        raise InvalidArgumentError(f"replay plan.cfg must have {NCFG} entries")
+        raise plan_error("cfg_len")
     if not (MERGE_2022 <= cfg[CFG_MERGE] <= MERGE_ARCH and 1 <= cfg[CFG_LOOP] <= 0xFFFF
             and cfg[CFG_OUTCAP] >= 0 and cfg[CFG_LOGCAP] >= 0):
-        raise InvalidArgumentError("replay plan.cfg has an out-of-range merge, loop limit or capacity")
+        raise plan_error("cfg_range")
     flt = _array(plan, "filter", np.uint8, 1)
     slots = _array(plan, "slots", np.int32, 1)
     ranges = _array(plan, "ranges", np.int64, 2)
     stats = _array(plan, "stats", np.uint64, 1)
     ports = _array(plan, "ports", np.uint64, 1)
     outbuf = _array(plan, "outbuf", np.uint32, 1)
-    touched = _array(plan, "touched", np.uint16, 1)
     logbuf = _array(plan, "logbuf", np.uint64, 2)
+    touched = _array(plan, "touched", np.uint16, 1)
     if (flt.shape[0] != 0x10000 or slots.shape[0] != 0x10000 or ranges.shape[1] != 4
             or stats.shape[0] != NSTAT or ports.shape[0] != 0x10000 * 4
             or outbuf.shape[0] < cfg[CFG_OUTCAP] or logbuf.shape[0] < cfg[CFG_LOGCAP]
             or logbuf.shape[1] != 6 or touched.shape[0] != 0x10000):
-        raise InvalidArgumentError("replay plan arrays have the wrong shapes")
+        raise plan_error("shapes")
     if int(stats[S_OUT_N]) > int(cfg[CFG_OUTCAP]) or int(stats[S_LOG_N]) > int(cfg[CFG_LOGCAP]):
-        raise InvalidArgumentError("replay plan.stats output counts exceed the capacities")
+        raise plan_error("counts")
     bad = np.flatnonzero((slots < -1) | (slots >= ranges.shape[0]))
     if bad.size:
         i = int(bad[0])
-        raise InvalidArgumentError(f"replay plan.slots[{i:#x}] = {int(slots[i])} is not a range")
+        raise plan_error("slot", i, int(slots[i]))
 
 
 def _check_dynamic(plan: Any) -> None:
     dstate = _array(plan, "dstate", np.uint64, 2)
     if dstate.shape[1] != NWORDS:
-        raise InvalidArgumentError(f"replay plan.dstate must have {NWORDS} words per device")
+        raise plan_error("dstate_words")
     pcifn = _array(plan, "pcifn", np.int64, 2)
     if pcifn.shape[1] != 5:
-        raise InvalidArgumentError("replay plan.pcifn must have 5 columns")
+        raise plan_error("pcifn_cols")
     bufs = plan.bufs
     if type(bufs) is not list:
-        raise InvalidArgumentError("replay plan.bufs must be a list of uint8 arrays")
+        raise plan_error("bufs_list")
     for i, b in enumerate(bufs):
         if (not isinstance(b, np.ndarray) or b.dtype != np.uint8 or b.ndim != 1
                 or not b.flags.c_contiguous or not b.flags.writeable):
-            raise InvalidArgumentError(f"replay plan.bufs[{i}] must be a writeable 1-D uint8 array")
+            raise plan_error("buf", i)
     n = len(bufs)
     ndev = dstate.shape[0]
     for i, r in enumerate(plan.ranges.tolist()):
         if not (0 <= r[0] <= r[1] <= 0xFFFF and 0 <= r[3] < ndev and 0 <= r[2] <= 0x16):
-            raise InvalidArgumentError(f"replay plan.ranges[{i}] is inconsistent")
+            raise plan_error("range", i)
     for i, f in enumerate(pcifn.tolist()):
         if not (0 <= f[F_CONFIG] < n and bufs[f[F_CONFIG]].shape[0] >= 256 and (
                 f[F_COMPILED] == 0 or (0 <= f[F_WMASK] < n and 0 <= f[F_W1C] < n
                                        and bufs[f[F_WMASK]].shape[0] >= 256
                                        and bufs[f[F_W1C]].shape[0] >= 256))):
-            raise InvalidArgumentError(f"replay plan.pcifn[{i}] names a missing or short buffer")
+            raise plan_error("pcifn_row", i)
     npcifn = pcifn.shape[0]
     for i, w in enumerate(dstate.tolist()):
         k = w[W_KIND]
         if k > DEV_PCI:
-            raise InvalidArgumentError(f"replay plan.dstate[{i}] has an unknown device kind")
+            raise plan_error("kind", i)
         if k == DEV_CMOS and not (w[W_CMOS_BUF] < n and bufs[w[W_CMOS_BUF]].shape[0] >= 128
                                   and w[W_CMOS_INDEX] <= 0x7F):
-            raise InvalidArgumentError(f"replay plan.dstate[{i}]: CMOS RAM buffer or index out of range")
+            raise plan_error("cmos", i)
         if k == DEV_PCI and (w[W_PCI_FN0] > npcifn or w[W_PCI_NFN] > npcifn
                              or w[W_PCI_FN0] + w[W_PCI_NFN] > npcifn
                              or (w[W_PCI_CACHE_ROW] != U64 and w[W_PCI_CACHE_ROW] >= npcifn)):
-            raise InvalidArgumentError(f"replay plan.dstate[{i}]: PCI function rows out of range")
+            raise plan_error("pci", i)
 
 
 def _callback(plan: Any, op: int, a: int, b: int, c: int, d: int) -> int:
@@ -751,16 +777,14 @@ def replay_kernel(plan: Any, events: np.ndarray, results: np.ndarray, start: int
     """
     if (not isinstance(events, np.ndarray) or events.dtype != EVENT_DTYPE or events.ndim != 1
             or not events.flags.c_contiguous):
-        raise InvalidArgumentError("events must be a C-contiguous 1-D EVENT_DTYPE array")
+        raise plan_error("events")
     if (not isinstance(results, np.ndarray) or results.dtype != RESULT_DTYPE or results.ndim != 1
             or not results.flags.c_contiguous or not results.flags.writeable):
-        raise InvalidArgumentError("results must be a writeable C-contiguous 1-D RESULT_DTYPE array")
+        raise plan_error("results")
     if type(start) is not int or type(stop) is not int:
-        raise InvalidArgumentError(f"start and stop must be ints, got {start!r}, {stop!r}")
+        raise plan_error("start_type", start, stop)
     if not 0 <= start <= stop <= min(events.shape[0], results.shape[0]):
-        raise InvalidArgumentError(
-            f"need 0 <= start <= stop <= len(events), len(results); got {start}, {stop} for "
-            f"{events.shape[0]} events and {results.shape[0]} results")
+        raise plan_error("start_range", start, stop, events.shape[0], results.shape[0])
     _check_static(plan)
     _check_dynamic(plan)
     cfg = [int(x) for x in plan.cfg]

@@ -25,6 +25,7 @@ from test_replay_support import (
 )
 
 import tdxve._core_py as core_py
+from tdxve import _replay_py
 from tdxve import replay as R
 from tdxve.abi import EVENT_DTYPE, RESULT_DTYPE, ReplayFault
 from tdxve.errors import DeviceError, InvalidArgumentError, ReplayError, ReplayUnsupportedError
@@ -610,3 +611,42 @@ def test_bus_unassigned_reply_is_honoured_in_machine_mode(core):
     q = ev["exit_qual"] & 0xFFFF001F
     inl = q == 0x1234000B                                   # IN EAX from an unassigned port
     assert inl.sum() > 5 and (got["rax"][inl] == 0xCCDDEEFF).all()
+
+
+@pytest.mark.skipif(core_c is None, reason="needs the compiled core")
+def test_kernels_raise_the_same_messages():
+    """Both kernels build their errors with _replay_py.plan_error: same class, same text."""
+    m = latch_machine()
+    rp = R.Replayer(m)
+    plan = rp._plan
+    plan.prepare()
+    ev = R.io_events(0x5000, 1, True)
+    res = np.zeros(1, dtype=RESULT_DTYPE)
+    bad_plans = (("slots", np.full(0x10000, 99, dtype=np.int32)), ("ranges", np.array([[5, 2, 2, 0]])),
+                 ("ranges", np.array([[5, 2, 2, 0]], dtype=np.int64)), ("dstate", np.full((1, 16), 99, np.uint64)),
+                 ("cfg", np.zeros(3, dtype=np.int64)), ("cfg", np.zeros(_replay_py.NCFG, dtype=np.int64)),
+                 ("bufs", "nope"), ("bufs", [np.zeros(3, dtype=np.int8)]), ("pcifn", np.zeros((1, 4), np.int64)),
+                 ("pcifn", np.array([[0, 7, 0, 0, 0]], dtype=np.int64)), ("touched", np.zeros(5, np.uint16)))
+
+    def outcome(core, *args):
+        try:
+            core.replay_kernel(*args)
+        except Exception as e:  # noqa: BLE001 - the failure itself is compared
+            return type(e), str(e)
+        return None
+
+    for attr, value in bad_plans:
+        saved = getattr(plan, attr)
+        setattr(plan, attr, value)
+        try:
+            a, b = outcome(core_c, plan, ev, res, 0, 1), outcome(core_py, plan, ev, res, 0, 1)
+        finally:
+            setattr(plan, attr, saved)
+        assert a is not None and a == b and a[0] is InvalidArgumentError, (attr, a, b)
+    for args in ((plan, ev, res, 1, 0), (plan, ev, res, 0, 5), (plan, ev, res, 0.0, 1),
+                 (plan, ev[["exit_qual"]], res, 0, 1), (plan, ev, res[::-1][:0], 0, 0),
+                 (plan, ev, np.zeros(1, dtype=EVENT_DTYPE), 0, 1)):
+        a, b = outcome(core_c, *args), outcome(core_py, *args)
+        assert a == b and (a is None or a[0] is InvalidArgumentError), (a, b)
+    plan.release()
+
