@@ -339,8 +339,9 @@ def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     scripts = sorted(f for f in os.listdir(src) if f.endswith(".py") and not f.startswith("_"))
     if not scripts:
         raise TdxveError(f"no benchmark scripts in {src}")
-    # Scripts put their own checkout first on sys.path; a copy in a temporary
-    # directory imports the tdxve this command runs instead (installed or built in place).
+    # Scripts put their own checkout first on sys.path. When that checkout is
+    # not the tdxve this command runs (e.g. an installed package), they run
+    # from a copy in a temporary directory, importing this tdxve instead.
     site = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
     rows: list[tuple[str, str, str, str, str]] = []
@@ -348,8 +349,10 @@ def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     docs: dict[str, object] = {}
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        work = os.path.join(tmp, "benchmarks")
-        shutil.copytree(src, work)
+        work = os.path.abspath(src)
+        if not os.path.samefile(os.path.dirname(work), site):
+            work = os.path.join(tmp, "benchmarks")
+            shutil.copytree(src, work)
         for script in scripts:
             name = script[:-3]
             js = os.path.join(tmp, name + ".json")

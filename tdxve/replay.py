@@ -787,8 +787,8 @@ class _Plan:
         return 0
 
     # ------------------------------------------------------------ after a run
-    def finish(self, events: np.ndarray, first: int) -> None:
-        """Counters, log and VE info into the Python objects (events[first + S_LAST - 1] was the last #VE)."""
+    def finish(self, events: np.ndarray) -> None:
+        """Counters, log and VE info into the Python objects (``events[S_LAST - 1]`` took the last #VE)."""
         self.store()
         st = self.stats
         tdx = self.tdx
@@ -827,7 +827,7 @@ class _Plan:
             tdx.ve_injected += ves - 1
             tdx.veinfo_gets += ves - 1
             tdx.tdcalls += ves - 1
-            ev = events[first + last - 1]
+            ev = events[last - 1]
             tdx.inject_ve(Regs(), _IO, int(ev["exit_qual"]), instr_len=int(ev["instr_len"]))
             t = Regs(rax=int(TdcallLeaf.VP_VEINFO_GET))
             tdx.tdcall(t)
@@ -948,7 +948,7 @@ class Replayer:
                 failed = int(plan.stats[K.S_NEXT])
                 exc = plan.pending
                 plan.pending = None
-                plan.finish(events, 0)
+                plan.finish(events)
                 assert exc is not None
                 if isinstance(exc, DeviceError):
                     exc.replay_index = offset + failed  # type: ignore[attr-defined]
@@ -960,7 +960,7 @@ class Replayer:
                     assert isinstance(host, Host)
                     plan._flush_log(host)
             i = nxt
-        plan.finish(events, 0)
+        plan.finish(events)
 
     def chunks(self, events: np.ndarray, chunk_size: int = DEFAULT_CHUNK,
                out: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
