@@ -702,8 +702,13 @@ class _Plan:
             self.pcifn_dirty = False
 
     def store(self) -> None:
-        """Arrays -> objects: buffered output and the scalar state the kernel changed."""
+        """Arrays -> objects: buffered output, the scalar state the kernel changed, and
+        the host event log (its records must stay in order with any a Python device adds)."""
         st = self.stats
+        if st[K.S_LOG_N]:
+            host = self.host
+            assert isinstance(host, Host)
+            self._flush_log(host)
         n = int(st[K.S_OUT_N])
         if n:
             entries = self.outbuf[:n]
@@ -817,7 +822,6 @@ class _Plan:
             counts[touched] = 0
             self.bus.unassigned += int(st[K.S_UNASSIGNED])
             self.bus.splits += int(st[K.S_SPLITS])
-            self._flush_log(host)
             tdx.vmcalls += int(st[K.S_VMCALLS])
             tdx.tdcalls += int(st[K.S_TDCALLS])
         last = int(st[K.S_LAST])
@@ -955,10 +959,6 @@ class Replayer:
                 raise exc
             if nxt < n:
                 plan.store()                    # output or log buffer full
-                if plan.cfg[K.CFG_LOG]:
-                    host = plan.host
-                    assert isinstance(host, Host)
-                    plan._flush_log(host)
             i = nxt
         plan.finish(events)
 
