@@ -199,10 +199,10 @@ ctypedef struct rp_result:
     uint64_t r11
     uint64_t status
     uint32_t rip_delta
-    uint16_t ves
-    uint16_t tdvmcalls
+    uint32_t ves
+    uint32_t tdvmcalls
     uint8_t fault
-    uint8_t _pad[7]
+    uint8_t _pad[3]
 
 ctypedef struct rp_ctx:
     PyObject* plan              # borrowed: replay_kernel holds the reference
@@ -960,7 +960,8 @@ cdef Py_ssize_t _rp_run(rp_ctx* c, const rp_event* events, rp_result* results,
     cdef uint64_t reply_const = <uint64_t>c.cfg[RP_CFG_REPLY_CONST]
     cdef bint has_filter = c.cfg[RP_CFG_FILTER] != 0
     cdef bint repeat = early and not advance
-    cdef uint64_t iters_max = loop_limit if repeat else 1
+    # Any event may repeat (instr_len 0): reserve room for the whole loop.
+    cdef uint64_t iters_max = loop_limit
     cdef uint64_t out_cap = <uint64_t>c.cfg[RP_CFG_OUTCAP]
     cdef uint64_t log_cap = <uint64_t>c.cfg[RP_CFG_LOGCAP]
     cdef uint64_t out_need = 4 * iters_max if out_cap else 0
@@ -1035,7 +1036,7 @@ cdef Py_ssize_t _rp_run(rp_ctx* c, const rp_event* events, rp_result* results,
             if not ok:
                 fault = RP_FAULT_IO_FAILED
                 break
-            if repeat:                          # RIP stays: IRET re-executes (ref 1.1)
+            if repeat or e.instr_len == 0:      # RIP stays: IRET re-executes (ref 1.1)
                 if ves >= loop_limit:
                     fault = RP_FAULT_VE_LOOP
                     break
@@ -1053,10 +1054,10 @@ cdef Py_ssize_t _rp_run(rp_ctx* c, const rp_event* events, rp_result* results,
         res.r11 = r11
         res.status = status
         res.rip_delta = <uint32_t>delta
-        res.ves = <uint16_t>ves
-        res.tdvmcalls = <uint16_t>calls
+        res.ves = <uint32_t>ves
+        res.tdvmcalls = <uint32_t>calls
         res.fault = fault
-        memset(res._pad, 0, 7)
+        memset(res._pad, 0, 3)
     return stop
 
 

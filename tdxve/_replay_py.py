@@ -21,8 +21,8 @@ One event (exit reason 30, kernel mode, 64-bit):
    check, 16-bit port, bus dispatch with QEMU's rules) or a callback to the
    Python host.
 5. The profile's RAX merge (ref 1.4), then RIP += instr_len, a fault code, or
-   -- on the linux-5.19-rc early path -- the same #VE again until
-   ``ve_loop_limit`` (ref 1.1).
+   -- when RIP does not move: the linux-5.19-rc early path, or instr_len 0 --
+   the same #VE again until ``ve_loop_limit`` (ref 1.1), as Machine does.
 
 The plan (built by :class:`tdxve.replay.Replayer`) carries: ``cfg`` (int64,
 ``CFG_*``), ``filter`` (uint8[65536]), ``slots`` (int32[65536]: range index
@@ -796,7 +796,8 @@ def replay_kernel(plan: Any, events: np.ndarray, results: np.ndarray, start: int
     reply_per_event = cfg[CFG_REPLY_MODE]
     reply_const = cfg[CFG_REPLY_CONST] & U64
     has_filter = cfg[CFG_FILTER]
-    iters_max = loop_limit if early and not advance else 1
+    repeat = early and not advance
+    iters_max = loop_limit      # any event may repeat (instr_len 0): reserve room for the whole loop
     out_need = 4 * iters_max if cfg[CFG_OUTCAP] else 0
     log_need = iters_max if cfg[CFG_LOG] else 0
     stats = plan.stats
@@ -852,12 +853,13 @@ def replay_kernel(plan: Any, events: np.ndarray, results: np.ndarray, start: int
                 if not ok:
                     fault = FAULT_IO_FAILED
                     break
-                if early and not advance:       # RIP stays: IRET re-executes (ref 1.1)
+                delta = int(ev["instr_len"])
+                if repeat or delta == 0:        # RIP stays: IRET re-executes (ref 1.1)
+                    delta = 0
                     if ves >= loop_limit:
                         fault = FAULT_VE_LOOP
                         break
                     continue
-                delta = int(ev["instr_len"])
                 break
         except _Abort:
             stats[S_NEXT] = i

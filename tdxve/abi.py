@@ -319,13 +319,13 @@ EVENT_DTYPE = np.dtype(
 #: ``r11`` and ``status`` the R11 / R10 the guest got back from the last
 #: TDVMCALL (0 when none), ``rip_delta`` how far RIP moved (``instr_len`` on
 #: success, 0 on failure), ``ves`` the #VEs delivered, ``tdvmcalls`` the
-#: TDG.VP.VMCALLs made, ``fault`` a :class:`ReplayFault`. Bytes 41-47 are
+#: TDG.VP.VMCALLs made, ``fault`` a :class:`ReplayFault`. Bytes 45-47 are
 #: reserved (0).
 RESULT_DTYPE = np.dtype(
     {
         "names": ["rax", "r15", "r11", "status", "rip_delta", "ves", "tdvmcalls", "fault"],
-        "formats": ["<u8", "<u8", "<u8", "<u8", "<u4", "<u2", "<u2", "u1"],
-        "offsets": [0, 8, 16, 24, 32, 36, 38, 40],
+        "formats": ["<u8", "<u8", "<u8", "<u8", "<u4", "<u4", "<u4", "u1"],
+        "offsets": [0, 8, 16, 24, 32, 36, 40, 44],
         "itemsize": 48,
     }
 )
@@ -346,7 +346,7 @@ class ReplayFault(IntEnum):
     NONE = 0            # RIP advanced by instr_len
     IO_FAILED = 1       # the TDVMCALL returned R10 != 0 (ref 1.4, 1.6, 1.7)
     STRING_IO = 2       # exit-qualification bit 4: Linux's handle_io returns -EIO (ref 1.8)
-    VE_LOOP = 3         # linux-5.19-rc early path: RIP never advances (ref 1.1)
+    VE_LOOP = 3         # RIP never advances: linux-5.19-rc early path (ref 1.1), or instr_len 0
     GUEST_PANIC = 4     # the TDVMCALL's TDCALL itself failed (bad RCX mask; ref 1.10, 2.4)
 
 

@@ -546,10 +546,11 @@ def _check_machine(machine: Any) -> None:
             "(call VEINFO.GET first)")
     if (g._merge, g._out) not in _MERGES:
         raise ReplayUnsupportedError("replay supports the linux-2022, linux and architectural merge rules only")
-    if not machine.guest.profile.early_advances_rip and machine.path == "early" \
-            and machine.ve_loop_limit > 0xFFFF:
+    if machine.ve_loop_limit > 0xFFFF:
+        # Output and log room for a whole #VE loop is reserved before each event.
         raise ReplayUnsupportedError(
-            f"replay counts #VEs per event in 16 bits; ve_loop_limit={machine.ve_loop_limit} is too large")
+            f"replay supports ve_loop_limit up to 65535 (room for a whole #VE loop is reserved per "
+            f"event), got {machine.ve_loop_limit}")
 
 
 def _views(arr: np.ndarray, obj: bytearray) -> bool:
@@ -625,7 +626,7 @@ class _Plan:
                 self.filter = np.fromiter((bool(allowed(p)) for p in range(0x10000)), dtype=np.uint8,
                                           count=0x10000)
                 self._filter_of = allowed
-        iters = m.ve_loop_limit if (m.path == "early" and not g.profile.early_advances_rip) else 1
+        iters = m.ve_loop_limit            # any event may repeat (instr_len 0)
         self.adapters = []
         self.slots.fill(-1)
         ranges: list[tuple[int, int, int, int]] = []

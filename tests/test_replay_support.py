@@ -189,7 +189,9 @@ def random_events(seed: int, n: int) -> np.ndarray:
     ev["exit_qual"] = q
     ev["rax"] = rax
     ev["reply"] = np.where(rng.random(n) < 0.5, rng.integers(0, 1 << 32, n, dtype=np.uint64), wild)
+    # mostly 1-3; sometimes anything 32-bit; 1 % zero (RIP does not move: the #VE repeats)
     ev["instr_len"] = np.where(rng.random(n) < 0.95, rng.integers(1, 4, n), rng.integers(0, 1 << 32, n))
+    ev["instr_len"][rng.random(n) < 0.01] = 0
     return ev
 
 
