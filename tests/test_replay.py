@@ -141,6 +141,14 @@ def test_fault_codes(core):
     early = latch_machine("linux-5.19-rc", "early")
     r2 = run(ev[:1], early, core)
     assert r2[0]["fault"] == ReplayFault.VE_LOOP and r2[0]["ves"] == 3 and r2[0]["tdvmcalls"] == 3
+    # the April-2022 bug is in the early handler only: the normal path advances RIP (ref 1.1)
+    assert run(ev[:1], latch_machine("linux-5.19-rc", "normal"), core)[0]["fault"] == ReplayFault.NONE
+    zero = ev[:1].copy()
+    zero["instr_len"] = 0                       # RIP += 0: IRET re-executes, as on the 5.19-rc early path
+    m0 = latch_machine("linux")
+    r0 = run(zero, m0, core)
+    assert r0[0]["fault"] == ReplayFault.VE_LOOP and r0[0]["ves"] == 3 and r0[0]["rip_delta"] == 0
+    assert reference(latch_machine("linux"), zero)[0] == r0[0]
     panic = Machine(profile=Profile("bad-mask", "linux", vmcall_rcx=0xFFCF))     # selects RAX: invalid
     r3 = run(ev[:1], panic, core)
     assert r3[0]["fault"] == ReplayFault.GUEST_PANIC and r3[0]["tdvmcalls"] == 0
@@ -369,6 +377,9 @@ def test_refusals_are_typed():
 
     with pytest.raises(ReplayUnsupportedError, match="Machine.execute_exit"):
         R.replay(R.io_events(0x80, 1, False), MyGuestMachine())
+    with pytest.raises(ReplayUnsupportedError, match="ve_loop_limit"):
+        R.replay(R.io_events(0x80, 1, False), Machine(ve_loop_limit=70_000))
+    R.replay(R.io_events(0x80, 1, False), Machine(ve_loop_limit=65_535))
     assert issubclass(ReplayUnsupportedError, ValueError)
 
 
