@@ -80,6 +80,12 @@ from .host import EventLog, FaultPlan, FaultyHost, Host, PortBus  # noqa: E402
 from .machine import Machine, Outcome  # noqa: E402
 from .tdx import TdxModule, VeInfo  # noqa: E402
 
+# ---- batch replay and traces (the compiled kernel behind replay is in _core)
+from .abi import EVENT_DTYPE, RESULT_DTYPE, ReplayFault  # noqa: E402
+from .errors import ReplayError, ReplayUnsupportedError, TraceFormatError  # noqa: E402
+from .replay import Replayer, ReplaySummary, replay, replay_chunks, replay_file  # noqa: E402
+from .trace import iter_kvm_pio, read_kvm_pio  # noqa: E402
+
 __all__ = [
     # backend and version
     "BACKEND", "__version__",
@@ -94,12 +100,16 @@ __all__ = [
     "Regs", "Machine", "Outcome", "TdxModule", "VeInfo", "Guest", "Profile", "PROFILE_NAMES",
     "GuestMemory", "ArrayMemory", "INTEL_ALLOWED_PORTS", "INTEL_DEBUG_ALLOWED_PORTS",
     "Host", "PortBus", "FaultyHost", "FaultPlan", "EventLog",
+    # batch replay and traces
+    "replay", "replay_chunks", "replay_file", "Replayer", "ReplaySummary",
+    "EVENT_DTYPE", "RESULT_DTYPE", "ReplayFault", "read_kvm_pio", "iter_kvm_pio",
     # errors
     "TdxveError", "InvalidArgumentError", "RegisterValueError", "UnsupportedModeError",
     "DecodeError", "NotPortIoError", "TruncatedInputError", "LockPrefixError",
     "InstructionTooLongError", "ExitQualError",
     "GuestFault", "EarlyPanic", "VeFault", "DoubleFault", "VeLoopError",
     "GuestMemoryFault", "UnsupportedExitError", "GuestPanic", "GeneralProtectionFault",
-    "StringIoLimitError", "InvariantViolation",
+    "StringIoLimitError", "InvariantViolation", "ReplayError", "ReplayUnsupportedError",
+    "TraceFormatError",
     "HostError", "DeviceError", "BusConfigError", "EmbedError", "AttachError",
 ]

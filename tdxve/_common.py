@@ -141,9 +141,9 @@ def as_u64_array(values: Any, what: str) -> np.ndarray:
     else:
         if isinstance(values, (list, tuple)):
             # numpy would read True as 1; a bool is never a qualification or RDX
-            bad = next((v for v in values if type(v) is bool or isinstance(v, np.bool_)), None)
-            if bad is not None:
-                raise InvalidArgumentError(f"{what} must be unsigned 64-bit integers, got {bad!r}")
+            flag = next((v for v in values if type(v) is bool or isinstance(v, np.bool_)), None)
+            if flag is not None:
+                raise InvalidArgumentError(f"{what} must be unsigned 64-bit integers, got {flag!r}")
         try:
             arr = np.asarray(values)
             if arr.dtype.kind == "f":
