@@ -84,6 +84,7 @@ __all__ = [
     "device_state", "check_devices_unchanged", "check_devices_replay",
     "check_decode_batch", "check_exit_quals_batch", "check_exit_infos_batch",
     "ExecuteChecker",
+    "replay_reference", "check_replay",
 ]
 
 #: The three IN/OUT data rules of ref 1.4 (``Profile.merge``).
@@ -1041,3 +1042,97 @@ class ExecuteChecker:
         raise _violation("registers", f"string I/O left {ptr} {p0:#x} -> {p1:#x}, RCX {before.rcx:#x} -> "
                                       f"{after.rcx:#x}: not a whole number of {v.size}-byte elements "
                                       f"at any address size")
+
+
+# ---------------------------------------------------------------- batch replay == per-event
+
+class _LastCall:
+    """Sits between the TDX module and the host; remembers the last TDVMCALL
+    (what it carried in R15 and what came back in R10/R11)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.r15 = self.r10 = self.r11 = 0
+
+    def tdvmcall(self, regs: Regs) -> None:
+        self.r15 = regs.r15
+        try:
+            self.real.tdvmcall(regs)
+        finally:
+            self.r10 = regs.r10
+            self.r11 = regs.r11
+
+
+def replay_reference(machine: Machine, events: np.ndarray, unassigned: str = "machine") -> np.ndarray:
+    """The per-event definition of :func:`tdxve.replay.replay` (issue 6).
+
+    A loop of ``machine.execute_exit(Regs(rax=event.rax), 30, exit_qual=...,
+    instr_len=...)`` in kernel mode at RIP 0, each GuestFault mapped to its
+    :class:`~tdxve.abi.ReplayFault` code; with ``unassigned="reply"`` the
+    bus answers each event's ``reply`` for unassigned bytes. Returns a
+    :data:`~tdxve.abi.RESULT_DTYPE` array. Stops (re-raising) at the first
+    exception that is not a GuestFault, e.g. a ``DeviceError``.
+    """
+    from .abi import RESULT_DTYPE, ReplayFault          # noqa: PLC0415
+    from .errors import EarlyPanic, GuestPanic, VeFault, VeLoopError  # noqa: PLC0415
+    reasons = {"io-failed": ReplayFault.IO_FAILED, "string-io": ReplayFault.STRING_IO}
+    tdx = machine.tdx
+    real = tdx.host
+    spy = _LastCall(real)
+    tdx.host = spy
+    out = np.zeros(len(events), dtype=RESULT_DTYPE)
+    quals = events["exit_qual"].tolist()
+    raxs = events["rax"].tolist()
+    lens = events["instr_len"].tolist()
+    replies = events["reply"].tolist()
+    bus = getattr(real, "bus", None)
+    try:
+        for i in range(len(quals)):
+            regs = Regs(rax=raxs[i])
+            spy.r15 = spy.r10 = spy.r11 = 0
+            if unassigned == "reply" and bus is not None:
+                bus.unassigned_reply = replies[i]
+            v0, c0 = tdx.ve_injected, tdx.vmcalls
+            fault = ReplayFault.NONE
+            try:
+                machine.execute_exit(regs, 30, exit_qual=quals[i], instr_len=lens[i])
+            except VeLoopError:
+                fault = ReplayFault.VE_LOOP
+            except GuestPanic:
+                fault = ReplayFault.GUEST_PANIC
+            except (VeFault, EarlyPanic) as f:
+                fault = reasons[f.reason]
+            out[i] = (regs.rax, spy.r15, spy.r11, spy.r10, regs.rip, tdx.ve_injected - v0,
+                      tdx.vmcalls - c0, fault)
+    finally:
+        tdx.host = real
+        if unassigned == "reply" and bus is not None:
+            bus.unassigned_reply = None
+    return out
+
+
+def check_replay(events: np.ndarray, make_machine: Callable[[], Machine], *,
+                 unassigned: str = "machine", replay_fn: Callable[..., np.ndarray] | None = None,
+                 exclude: Iterable[str] = ()) -> np.ndarray:
+    """Batch results equal per-event results: replay on one machine, the
+    :func:`replay_reference` loop on an identical one, then compare the
+    result arrays and every device's state.
+
+    :param make_machine: builds two identical fresh machines (called twice).
+    :param replay_fn: the batch function under test (default
+        :func:`tdxve.replay.replay`, which uses the active backend).
+    :returns: the replay results.
+    :raises InvariantViolation: ``batch-results`` or ``device-state``.
+    """
+    from .replay import replay  # noqa: PLC0415
+    batch = replay if replay_fn is None else replay_fn
+    m_ref, m_rep = make_machine(), make_machine()
+    ref = replay_reference(m_ref, events, unassigned)
+    got = batch(events, m_rep, unassigned=unassigned)
+    if got.tobytes() != ref.tobytes():
+        bad = int(np.argmax(got != ref))
+        raise InvariantViolation(
+            f"batch-results: event {bad} {events[bad]!r}: replay {got[bad]!r}, per-event {ref[bad]!r}")
+    if device_state(m_ref.host, exclude=exclude) != device_state(m_rep.host, exclude=exclude):
+        raise InvariantViolation("device-state: replay and the per-event loop left different devices")
+    return got

@@ -584,3 +584,19 @@ def test_clocks() -> None:
     a = mono.now_ns()
     assert mono.now_ns() >= a >= 0
     assert "ManualClock" in repr(m) and "SteppingClock" in repr(s)
+
+
+def test_pci_pickled_state_excludes_the_decode_cache():
+    """fuzz_replay finding: the compiled replay path does not fill PciHost's decode
+    cache, so a cached and an uncached host must compare (and pickle) equal."""
+    import pickle
+
+    from tdxve.devices import PciHost
+    a, b = PciHost(), PciHost()
+    a.write(0xCF8, 4, 0x8000_0000)
+    b.write(0xCF8, 4, 0x8000_0000)
+    assert a.read(0xCFC, 4) == 0x12378086           # fills a's cache only
+    assert a._cached_addr != b._cached_addr
+    assert pickle.dumps(a) == pickle.dumps(b)
+    c = pickle.loads(pickle.dumps(a))
+    assert c.read(0xCFC, 4) == 0x12378086 and c.config_address == 0x8000_0000

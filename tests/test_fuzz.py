@@ -30,7 +30,8 @@ if str(FUZZ_DIR) not in sys.path:
 import fuzzlib  # noqa: E402
 
 # (harness, inputs for the in-suite run): sized for ~1-3 s on a 2-core machine
-HARNESSES = [("decode", 6000), ("exit_qual", 2500), ("exit_info", 4000), ("machine", 1500)]
+HARNESSES = [("decode", 6000), ("exit_qual", 2500), ("exit_info", 4000), ("machine", 1500),
+             ("replay", 600)]
 
 
 def harness(name: str) -> ModuleType:
@@ -128,3 +129,32 @@ def test_command_line_atheris(run_python: Any, tmp_path: Path) -> None:
 def test_package_under_test_is_the_one_the_harnesses_use() -> None:
     mod = harness("decode")
     assert mod.inv.__name__ == "tdxve.invariants" and sys.modules["tdxve"] is tdxve
+
+
+def test_replay_harness_catches_a_batch_that_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_replay must notice a batch engine whose results or devices differ from the loop."""
+    import numpy as np
+
+    from tdxve import invariants as inv
+    from tdxve.abi import EVENT_DTYPE
+    from tdxve.errors import InvariantViolation
+    from tdxve.machine import Machine
+    from tdxve.replay import replay
+
+    ev = np.zeros(3, dtype=EVENT_DTYPE)
+    ev["exit_qual"], ev["instr_len"], ev["rax"] = 0x03F80000, 1, 0x41   # OUT DX, AL to the UART
+
+    def wrong_rax(events, machine, **kw):
+        out = replay(events, machine, **kw)
+        out["rax"][1] ^= 1
+        return out
+
+    def extra_write(events, machine, **kw):
+        out = replay(events, machine, **kw)
+        machine.host.post.write(0x80, 1, 0x55)      # a device change no event explains
+        return out
+
+    assert len(inv.check_replay(ev, Machine)) == 3
+    for bad in (wrong_rax, extra_write):
+        with pytest.raises(InvariantViolation):
+            inv.check_replay(ev, Machine, replay_fn=bad)

@@ -14,71 +14,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tdxve.abi import EVENT_DTYPE, RESULT_DTYPE, ReplayFault
+from tdxve.abi import EVENT_DTYPE
 from tdxve.devices import PciFunction, Uart16550
-from tdxve.errors import EarlyPanic, GuestPanic, VeFault, VeLoopError
 from tdxve.host import FaultPlan, FaultyHost, Host
+from tdxve.invariants import replay_reference
 from tdxve.machine import Machine
 from tdxve.regs import Regs
 from tdxve.replay import CountingSink, LatchDevice
 
-_REASON = {"io-failed": ReplayFault.IO_FAILED, "string-io": ReplayFault.STRING_IO}
-
-
-class Spy:
-    """Sits between TdxModule and the host; remembers the last TDVMCALL."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-        self.r15 = self.r10 = self.r11 = 0
-
-    def tdvmcall(self, regs: Regs) -> None:
-        self.r15 = regs.r15
-        try:
-            self.real.tdvmcall(regs)
-        finally:
-            self.r10 = regs.r10
-            self.r11 = regs.r11
-
-
-def reference(m: Machine, events: np.ndarray, unassigned: str = "machine") -> np.ndarray:
-    """The loop of execute_exit the issue defines replay by; RESULT_DTYPE out.
-
-    Stops (re-raising) at the first non-GuestFault exception, e.g. a DeviceError.
-    """
-    real = m.tdx.host
-    spy = Spy(real)
-    m.tdx.host = spy
-    out = np.zeros(len(events), dtype=RESULT_DTYPE)
-    tdx = m.tdx
-    quals = events["exit_qual"].tolist()
-    raxs = events["rax"].tolist()
-    lens = events["instr_len"].tolist()
-    replies = events["reply"].tolist()
-    bus = getattr(real, "bus", None)
-    try:
-        for i in range(len(quals)):
-            regs = Regs(rax=raxs[i])
-            spy.r15 = spy.r10 = spy.r11 = 0
-            if unassigned == "reply":
-                bus.unassigned_reply = replies[i]
-            v0, c0 = tdx.ve_injected, tdx.vmcalls
-            fault = ReplayFault.NONE
-            try:
-                m.execute_exit(regs, 30, exit_qual=quals[i], instr_len=lens[i])
-            except VeLoopError:
-                fault = ReplayFault.VE_LOOP
-            except GuestPanic:
-                fault = ReplayFault.GUEST_PANIC
-            except (VeFault, EarlyPanic) as f:
-                fault = _REASON[f.reason]
-            out[i] = (regs.rax, spy.r15, spy.r11, spy.r10, regs.rip, tdx.ve_injected - v0,
-                      tdx.vmcalls - c0, fault)
-    finally:
-        m.tdx.host = real
-        if unassigned == "reply":
-            bus.unassigned_reply = None
-    return out
+# The reference loop lives in tdxve.invariants (shared with fuzz/fuzz_replay.py).
+reference = replay_reference
 
 
 # ---------------------------------------------------------------- devices

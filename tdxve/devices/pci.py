@@ -195,6 +195,14 @@ class PciHost:
         if host_bridge:
             self.add(0, 0, 0, PciFunction(0x8086, 0x1237, class_code=0x060000, revision=0x02))
 
+    def __getstate__(self) -> dict[str, object]:
+        # The decoded-address cache is not device state: pickles (and state
+        # comparisons, tdxve.invariants.device_state) leave it out.
+        state = dict(self.__dict__)
+        state["_cached_addr"] = -1
+        state["_cached"] = (None, 0)
+        return state
+
     def reset(self) -> None:
         """CONFIG_ADDRESS and RCR to 0 and every function's config space to its initial bytes."""
         self.config_address = 0
