@@ -46,7 +46,6 @@ import gc
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +65,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "tdxve").is_dir() and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+import _machine  # noqa: E402  (benchmarks/ is sys.path[0])
 from tdxve import _core, _core_py  # noqa: E402  (direct: the dispatcher is not under test)
 from tdxve.abi import EXIT_QUAL_DTYPE, QUAL_RESERVED_MASK  # noqa: E402
 
@@ -613,17 +613,6 @@ def bench_single(q: np.ndarray, data: bytes, recs: np.ndarray, calls: int,
 
 # ---------------------------------------------------------------- report
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("model name", "Model", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _dist_version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -644,29 +633,17 @@ def _git_state() -> str | None:
 def machine_info() -> dict[str, Any]:
     from tdxve._version import __version__ as tdxve_version
     core_file = Path(_core.__file__ or "")
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-        "numpy": np.__version__,
-        "iced_x86": _dist_version("iced-x86") if iced_x86 is not None else None,
-        "capstone": _dist_version("capstone") if capstone is not None else None,
-        "capstone_binding_version": getattr(capstone, "__version__", None),
-        "tdxve": tdxve_version,
-        "tdxve_git": _git_state(),
-        "tdxve_core_file": str(core_file),
-        "tdxve_core_mtime_utc": (datetime.datetime.fromtimestamp(
+    info = _machine.machine_info(
+        iced_x86=_dist_version("iced-x86") if iced_x86 is not None else None,
+        capstone=_dist_version("capstone") if capstone is not None else None,
+        capstone_binding_version=getattr(capstone, "__version__", None),
+        tdxve=tdxve_version,
+        tdxve_git=_git_state(),
+        tdxve_core_file=str(core_file),
+        tdxve_core_mtime_utc=(datetime.datetime.fromtimestamp(
             core_file.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
             if core_file.is_file() else None),
-        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = list(os.getloadavg())
+    )
     return info
 
 

@@ -37,11 +37,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,7 @@ if (_ROOT / "tdxve").is_dir() and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from tdxve import _core_py  # noqa: E402
+import _machine  # noqa: E402  (benchmarks/ is sys.path[0])
 from tdxve._backend import BACKEND  # noqa: E402
 from tdxve._backend import core as _active  # noqa: E402
 from tdxve.abi import EVENT_DTYPE, RESULT_DTYPE  # noqa: E402
@@ -258,18 +257,7 @@ def measure_memmap(n: int, chunk: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- report
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu_model": cpu, "logical_cpus": os.cpu_count(),
-            "python": sys.version.split()[0], "numpy": np.__version__, "backend": BACKEND,
-            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return _machine.machine_info(backend=BACKEND)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -33,12 +33,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,6 +50,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "tdxve").is_dir() and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+import _machine  # noqa: E402  (benchmarks/ is sys.path[0])
 from tdxve._backend import BACKEND  # noqa: E402
 from tdxve.guest import ArrayMemory  # noqa: E402
 from tdxve.machine import Machine  # noqa: E402
@@ -162,18 +161,7 @@ def measure(n: int, repeat: int) -> list[Row]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu_model": cpu, "logical_cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return _machine.machine_info(backend=BACKEND)
 
 
 def child_rows(args: argparse.Namespace) -> tuple[list[Row], str]:
