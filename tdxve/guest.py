@@ -49,7 +49,7 @@ from .errors import (
     UnsupportedExitError,
     VeFault,
 )
-from .regs import Regs
+from .regs import Regs, address_size_write
 from .tdx import TdxModule, VeInfo
 
 __all__ = [
@@ -902,17 +902,9 @@ def _string_writeback(regs: Regs, ptr_reg: int, ptr0: int, off: int, abits: int,
     # (zero-extended into the 64-bit register), 64-bit the whole register.
     if done == 0:
         return
-    regs.set_gpr(ptr_reg, _asize_write(ptr0, off, abits))
+    regs.set_gpr(ptr_reg, address_size_write(ptr0, off, abits))
     if rep:
-        regs.set_gpr(Gpr.RCX, _asize_write(regs.rcx, count - done, abits))
-
-
-def _asize_write(old: int, new: int, abits: int) -> int:
-    if abits == 64:
-        return new & U64_MASK
-    if abits == 32:
-        return new & _U32
-    return (old & ~0xFFFF & U64_MASK) | (new & 0xFFFF)
+        regs.set_gpr(Gpr.RCX, address_size_write(regs.rcx, count - done, abits))
 
 
 def _check_regs(regs: Any) -> Regs:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from .abi import U64_MASK
 from .errors import RegisterValueError, UnsupportedModeError
 
-__all__ = ["Regs", "GPR_NAMES"]
+__all__ = ["Regs", "GPR_NAMES", "address_size_write"]
 
 #: GPR names in VMCALL bitmap / ModRM numbering (ref 2.4).
 GPR_NAMES: tuple[str, ...] = (
@@ -29,6 +29,20 @@ GPR_NAMES: tuple[str, ...] = (
 _GPR_INDEX = {n: i for i, n in enumerate(GPR_NAMES)}
 #: Every 64-bit register in a fixed order (the order of ``as_dict`` / ``__iter__``).
 REG_NAMES: tuple[str, ...] = GPR_NAMES + ("rip", "rflags", "fs_base", "gs_base")
+
+
+def address_size_write(old: int, new: int, abits: int) -> int:
+    """The register a string instruction leaves after updating rSI/rDI/rCX to ``new``.
+
+    The address size picks the register width: 16-bit updates only SI/DI/CX
+    (bits 63:16 kept), 32-bit writes ESI/EDI/ECX zero-extended into the
+    64-bit register (SDM Vol. 1 3.4.1.1), 64-bit the whole register.
+    """
+    if abits == 64:
+        return new & U64_MASK
+    if abits == 32:
+        return new & 0xFFFFFFFF
+    return (old & ~0xFFFF & U64_MASK) | (new & 0xFFFF)
 
 
 def _check_u64(name: str, value: Any) -> int:

@@ -35,7 +35,7 @@ from ..errors import (
     TruncatedInputError,
     UnsupportedModeError,
 )
-from ..regs import GPR_NAMES, Regs
+from ..regs import GPR_NAMES, Regs, address_size_write
 
 __all__ = [
     "GuestCpu", "IoEvent", "IoStats", "IoCounts", "ExitCounts",
@@ -455,15 +455,6 @@ def _bus(machine: Any) -> Any:
     return bus
 
 
-def _asize_write(old: int, new: int, abits: int) -> int:
-    # 16-bit address size updates SI/DI/CX only; 32-bit writes ESI/EDI/ECX,
-    # zero-extended (SDM Vol. 1 3.4.1.1); 64-bit the whole register.
-    if abits == 64:
-        return new & U64_MASK
-    if abits == 32:
-        return new & _U32
-    return (old & ~0xFFFF & U64_MASK) | (new & 0xFFFF)
-
 
 def _execute_direct(cpu: GuestCpu, machine: Any, mode: int, code: bytes | None) -> IoEvent:
     names = GPR_NAMES + ("rip", "rflags", "cs_base")
@@ -542,9 +533,9 @@ def _string_progress(ptr_name: str, ptr0: int, off: int, abits: int, rep: bool, 
                      count: int, done: int) -> dict[str, int]:
     if done == 0:
         return {}
-    out = {ptr_name: _asize_write(ptr0, off, abits)}
+    out = {ptr_name: address_size_write(ptr0, off, abits)}
     if rep:
-        out["rcx"] = _asize_write(rcx, count - done, abits)
+        out["rcx"] = address_size_write(rcx, count - done, abits)
     return out
 
 
