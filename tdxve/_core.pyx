@@ -63,7 +63,7 @@ __all__ = [
     "BACKEND",
     "decode_exit_qual", "encode_exit_qual", "decode_exit_quals",
     "decode_insn", "decode_insns", "exit_info", "exit_infos",
-    "replay_kernel",
+    "replay_kernel", "UcFastPath",
 ]
 
 BACKEND = "cython"
@@ -984,3 +984,4 @@ def exit_infos(insns, dx=0):
     return out
 
 include "_replay.pxi"
+include "_uc_fast.pxi"

@@ -35,12 +35,13 @@ from .abi import (
 )
 from .errors import ExitQualError
 from ._replay_py import replay_kernel  # noqa: F401  batch #VE replay kernel (issue 6)
+from ._uc_fast_py import UcFastPath  # noqa: F401  Unicorn IN/OUT hooks (issue 5)
 
 __all__ = [
     "BACKEND",
     "decode_exit_qual", "encode_exit_qual", "decode_exit_quals",
     "decode_insn", "decode_insns", "exit_info", "exit_infos",
-    "replay_kernel",
+    "replay_kernel", "UcFastPath",
 ]
 
 BACKEND = "python"

@@ -250,6 +250,13 @@ def _report_timing(out: TextIO, run: GuestRun) -> None:
               f"of emulation: {rate:,.0f} #VE events/s\n")
     out.write(f"  decoder backend {BACKEND}; every event: Unicorn hook -> decode at RIP -> #VE ->\n"
               f"  guest handler -> TDVMCALL -> host -> device -> registers back into Unicorn\n")
+    att = run.attachment
+    if att.fast_accesses:
+        out.write(f"  {att.fast_accesses} of the accesses ran on the compiled fast path "
+                  f"(attach(..., fast=True))\n")
+    elif att.fast_off:
+        out.write(f"  every access ran on the Python path: {att.fast_off}\n"
+                  f"  (this guest starts in real mode; python benchmarks/bench_embed.py measures the fast path)\n")
     if run.attachment.barriers:
         out.write(f"  {run.attachment.barriers} access(es) needed a barrier: an outcome Unicorn's own\n"
                   f"  IN/OUT completion cannot express (see docs/embedding.md)\n")

@@ -520,7 +520,10 @@ def _overridden(obj: Any, base: type, names: Sequence[str]) -> list[str]:
     return [n for n in names if getattr(t, n, None) is not getattr(base, n) or n in inst]
 
 
-def _check_machine(machine: Any) -> None:
+def _check_machine(machine: Any, *, embedded: bool = False) -> None:
+    # embedded: the Unicorn fast path (tdxve.embed.unicorn), which sends string
+    # I/O to the Python path itself and never commits a failed event, so the
+    # string-I/O mode and the exception table do not matter to it.
     if not isinstance(machine, Machine):
         raise InvalidArgumentError(f"machine must be a tdxve.machine.Machine, got {type(machine).__name__}")
     g, tdx = machine.guest, machine.tdx
@@ -532,11 +535,11 @@ def _check_machine(machine: Any) -> None:
     if bad:
         raise ReplayUnsupportedError(
             f"replay reproduces tdxve's own #VE path; this machine overrides {', '.join(bad)}")
-    if g.string_io != "reject":
+    if g.string_io != "reject" and not embedded:
         raise ReplayUnsupportedError(
             f"replay refuses string_io={g.string_io!r}: emulated INS/OUTS needs RSI/RDI/RCX, guest "
             f"memory and the instruction information, which events do not carry (use Machine.execute)")
-    if g.extable:
+    if g.extable and not embedded:
         raise ReplayUnsupportedError(
             f"replay refuses a guest with exception-table entries ({len(g.extable)}): fixups are keyed "
             f"by RIP and events carry none")
@@ -588,10 +591,13 @@ class _Plan:
         self.mask = 0
 
     # ------------------------------------------------------------ build
-    def prepare(self) -> None:
-        """(Re)read the machine's configuration; called at the start of every run."""
+    def prepare(self, *, embedded: bool = False) -> None:
+        """(Re)read the machine's configuration; called at the start of every run.
+
+        :param embedded: prepare for the Unicorn fast path (see :func:`_check_machine`).
+        """
         m = self.machine
-        _check_machine(m)
+        _check_machine(m, embedded=embedded)
         g = m.guest
         tdx = self.tdx = m.tdx
         host = tdx.host

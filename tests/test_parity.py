@@ -25,18 +25,49 @@ def test_same_public_names():
         assert hasattr(_core, name), name
 
 
-@pytest.mark.parametrize("name", PUBLIC)
+CLASSES = [n for n in PUBLIC if inspect.isclass(getattr(_core_py, n))]
+FUNCTIONS = [n for n in PUBLIC if n not in CLASSES]
+
+
+def _shape(fn):
+    sig = inspect.signature(fn)
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
 def test_same_signatures(name):
-    def shape(fn):
-        sig = inspect.signature(fn)
-        return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
-    assert shape(getattr(_core, name)) == shape(getattr(_core_py, name))
+    assert _shape(getattr(_core, name)) == _shape(getattr(_core_py, name))
+
+
+def _members(cls):
+    return sorted(n for n in dir(cls) if not n.startswith("_"))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_same_classes(name):
+    """Public classes: the same methods (signatures, docstrings), properties and constructor."""
+    c, py = getattr(_core, name), getattr(_core_py, name)
+    assert _members(c) == _members(py)
+    for m in _members(py):
+        a, b = getattr(c, m), getattr(py, m)
+        if isinstance(b, property):
+            assert not callable(a) and a.__doc__ == b.__doc__, m
+            assert (b.fset is not None) == (m == "draining"), m   # the one writable property
+        else:
+            assert _shape(a) == _shape(b), m
+            assert _doc(a) == _doc(b) and _doc(b), m
+    # The compiled constructor's signature is only in its docstring (embedsignature).
+    first = inspect.getdoc(c).split("\n", 1)[0]
+    params = [p for p in inspect.signature(py.__init__).parameters.values() if p.name != "self"]
+    want = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params]
+    got = [p.strip() for p in first[len(name) + 1:-1].split(",") if p.strip() not in ("*", "")]
+    assert got == want
 
 
 def _doc(fn) -> str:
     doc = inspect.getdoc(fn) or ""
     # Cython's embedsignature puts "name(args)" on the first line; compare the prose.
-    if doc.startswith(fn.__name__ + "("):
+    if doc.startswith((fn.__name__ + "(", getattr(fn, "__qualname__", fn.__name__) + "(")):
         doc = doc.split("\n", 1)[1] if "\n" in doc else ""
     return doc.strip()
 

@@ -58,7 +58,11 @@ from typing import Any, NamedTuple
 
 from .._backend import core
 from ..abi import U64_MASK, ExitReason
-from ..errors import AttachError, EmbedError, GuestFault
+from .._uc_fast_py import UF_ABORT as _UF_ABORT
+from .._uc_fast_py import UF_BARRIER as _UF_BARRIER
+from .._uc_fast_py import UF_FLUSH as _UF_FLUSH
+from .._uc_fast_py import UF_SLOW as _UF_SLOW
+from ..errors import AttachError, EmbedError, GuestFault, TdxveError
 from ..regs import GPR_NAMES, Regs
 from .cpu import (
     IoStats,
@@ -283,7 +287,7 @@ def attachment_of(uc: Any) -> UnicornAttachment | None:
         return None
 
 
-def attach(uc: Any, machine: Any, *, path: str | None = None) -> UnicornAttachment:
+def attach(uc: Any, machine: Any, *, path: str | None = None, fast: bool = True) -> UnicornAttachment:
     """Route every port-I/O instruction ``uc`` executes through ``machine``.
 
     :param uc: a ``unicorn.Uc`` for ``UC_ARCH_X86`` (any of UC_MODE_16/32/64;
@@ -297,8 +301,19 @@ def attach(uc: Any, machine: Any, *, path: str | None = None) -> UnicornAttachme
     :raises AttachError: not an x86 Unicorn instance, already attached, an
         IN hook already registered (it would shadow tdxve's), a machine
         without ``execute``/``execute_exit``/``guest.memory`` or already
-        attached to another instance, or a bad ``path``.
+        attached to another instance, or a bad ``path`` or ``fast``.
     :raises ImportError: unicorn is not installed.
+
+    :param fast: serve IN/OUT in 64-bit kernel mode with compiled hooks that
+        Unicorn calls directly (:class:`tdxve._core.UcFastPath`: the #VE
+        round trip as one event of the replay kernel, same results and state
+        as the Python path). Device objects, the host's counters and event
+        log, the TDX module and :attr:`UnicornAttachment.stats` are brought
+        up to date whenever tdxve hands an access to Python and when
+        ``emu_start`` returns; a hook of your own that runs *during*
+        emulation sees them as of the last such point. ``fast=False`` runs
+        every access through ``Machine.execute`` (objects current after each
+        instruction). See ``docs/embedding.md``, "The fast path".
     """
     lib = _Lib.get()
     if not isinstance(uc, lib.unicorn.Uc):
@@ -317,6 +332,8 @@ def attach(uc: Any, machine: Any, *, path: str | None = None) -> UnicornAttachme
         raise AttachError(f"machine must have guest.memory (a tdxve.Machine), got {type(machine).__name__}")
     if path is not None and path not in ("early", "normal"):
         raise AttachError(f"path must be 'early', 'normal' or None, got {path!r}")
+    if type(fast) is not bool:
+        raise AttachError(f"fast must be True or False, got {fast!r}")
     callbacks = getattr(uc, "_callbacks", None)
     if lib.in_cfunc is not None and isinstance(callbacks, dict):
         if any(isinstance(cb, lib.in_cfunc) for cb in callbacks.values()):
@@ -324,7 +341,7 @@ def attach(uc: Any, machine: Any, *, path: str | None = None) -> UnicornAttachme
                 "an IN hook is already registered on this Unicorn instance: Unicorn 2.1 calls only "
                 "the first IN hook (anchors 2.1), so tdxve's would never run; attach before adding "
                 "IN hooks, or observe port accesses through the host's event log")
-    return UnicornAttachment(uc, machine, path)
+    return UnicornAttachment(uc, machine, path, fast)
 
 
 def detach(uc: Any) -> None:
@@ -350,9 +367,13 @@ class UnicornAttachment:
         ``"64-bit"``, ...), in the order the modes were first seen.
     :ivar halted: True once emulation stopped at a HLT.
     :ivar barriers: how many accesses needed a barrier (see the module doc).
+    :ivar fast_accesses: IN/OUT the compiled fast path served (the rest of
+        the counts in :attr:`stats` went through ``Machine.execute`` or the bus).
+    :ivar fast_off: why the last ``emu_start`` ran without the fast path
+        (None when it ran with it, or ``fast=False``).
     """
 
-    def __init__(self, uc: Any, machine: Any, path: str | None) -> None:
+    def __init__(self, uc: Any, machine: Any, path: str | None, fast: bool = True) -> None:
         lib = self._lib = _Lib.get()
         self.uc = uc
         self.machine = machine
@@ -366,6 +387,11 @@ class UnicornAttachment:
         self._api64 = self._uc_mode == _UC_MODE_64
         self._memory = UnicornMemory(uc)
         self._barrier: _Barrier | None = None
+        self._fast: Any = None
+        self._fast_bound = False
+        self._plan: Any = None
+        self.fast_accesses = 0
+        self.fast_off: str | None = None
         self._draining = False
         self._user_stop = False
         self._attached = True
@@ -397,10 +423,18 @@ class UnicornAttachment:
             machine.path = path
         self._orig_emu_start = type(uc).emu_start
         self._orig_emu_stop = type(uc).emu_stop
-        self._hooks = [
-            uc.hook_add(lib.unicorn.UC_HOOK_INSN, self._make_in_hook(), None, 1, 0, x86.UC_X86_INS_IN),
-            uc.hook_add(lib.unicorn.UC_HOOK_INSN, self._make_out_hook(), None, 1, 0, x86.UC_X86_INS_OUT),
-        ]
+        self._hooks: list[int] = []
+        if fast and self._api64 and lib.vmem_read is not None:
+            self._fast = self._new_fast_path()
+            self._fast.install()
+        else:
+            if fast:
+                self.fast_off = ("the fast path needs a UC_MODE_64 instance" if not self._api64
+                                 else "the fast path needs uc_vmem_read (libunicorn 2.1)")
+            self._hooks = [
+                uc.hook_add(lib.unicorn.UC_HOOK_INSN, self._make_in_hook(), None, 1, 0, x86.UC_X86_INS_IN),
+                uc.hook_add(lib.unicorn.UC_HOOK_INSN, self._make_out_hook(), None, 1, 0, x86.UC_X86_INS_OUT),
+            ]
         uc.emu_start = self._emu_start
         uc.emu_stop = self._emu_stop
         _ATTACHED[uc] = self
@@ -433,6 +467,9 @@ class UnicornAttachment:
         for h in self._hooks:
             uc.hook_del(h)
         self._hooks = []
+        if self._fast is not None:
+            self._fast.remove()
+            self._fast = None
         for name in ("emu_start", "emu_stop"):
             if name in vars(uc):
                 delattr(uc, name)
@@ -471,6 +508,146 @@ class UnicornAttachment:
             raise AttachError("registers() needs an attached instance; this one was detached")
         self._read_all()
         return dict(zip(_SNAP_NAMES, self._snapshot64()))
+
+    @property
+    def fast(self) -> bool:
+        """Whether the compiled fast-path hooks are installed (``attach(..., fast=True)``
+        on a UC_MODE_64 instance)."""
+        return self._fast is not None
+
+    @property
+    def _draining(self) -> bool:
+        return self._drain
+
+    @_draining.setter
+    def _draining(self, value: bool) -> None:
+        # A pending barrier silences both the Python hooks and the compiled ones.
+        self._drain = value
+        if self._fast is not None:
+            self._fast.draining = value
+
+    # ------------------------------------------------------------ the fast path
+    def _new_fast_path(self) -> Any:
+        lib = self._lib
+        x86 = lib.x86
+        uclib = lib.binding.uclib
+        api = {name: ctypes.cast(getattr(uclib, name), ctypes.c_void_p).value
+               for name in ("uc_reg_read_batch", "uc_reg_write", "uc_vmem_read", "uc_hook_add", "uc_hook_del")}
+        consts = {"rip": x86.UC_X86_REG_RIP, "rax": x86.UC_X86_REG_RAX, "rdx": x86.UC_X86_REG_RDX,
+                  "cr0": x86.UC_X86_REG_CR0, "cs": x86.UC_X86_REG_CS, "eflags": x86.UC_X86_REG_EFLAGS,
+                  "msr": x86.UC_X86_REG_MSR, "gdtr": x86.UC_X86_REG_GDTR,
+                  "hook_insn": lib.unicorn.UC_HOOK_INSN, "insn_in": x86.UC_X86_INS_IN,
+                  "insn_out": x86.UC_X86_INS_OUT, "prot_read": lib.UC_PROT_READ}
+        return core.UcFastPath(self._h.value, api, consts, self, fallback_mode=self._fallback)
+
+    def _fast_begin(self) -> None:
+        """Bind the machine as a replay plan for one ``uc_emu_start`` (or say why not)."""
+        if self._fast is None:
+            return
+        from ..replay import _Plan
+        from .._replay_py import CFG_ADVANCE, CFG_EARLY, CFG_HOST, HOST_COMPILED
+
+        from ..machine import Machine
+
+        if not isinstance(self.machine, Machine):
+            self.fast_off = f"the machine is a {type(self.machine).__name__}, not a tdxve Machine"
+            return
+        plan = self._plan
+        try:
+            if plan is None:
+                plan = self._plan = _Plan(self.machine, "machine")
+            plan.prepare(embedded=True)
+        except TdxveError as exc:
+            self.fast_off = f"the replay kernel cannot run this machine: {exc}"
+            return
+        cfg = plan.cfg
+        if cfg[CFG_HOST] != HOST_COMPILED:
+            why = "the host is not a plain tdxve Host with a PortBus (every TDVMCALL would call Python)"
+        elif cfg[CFG_EARLY] and not cfg[CFG_ADVANCE]:
+            why = "this profile's early handler does not advance RIP (a #VE loop is a fault)"
+        elif getattr(plan.bus, "on_device_error", None) != "raise":
+            why = "the bus records device errors as failed I/O (a guest fault)"
+        else:
+            why = None
+        if why is not None:
+            plan.release()
+            self.fast_off = why
+            return
+        self._fast.bind(plan)
+        self._fast_bound = True
+        self.fast_off = None
+
+    def _fast_sync(self, *, force: bool = False) -> None:
+        """The fast path's counts and the plan's state into the Python objects."""
+        if not self._fast_bound:
+            return
+        n, rows = self._fast.take_counts()
+        if n:
+            self.fast_accesses += n
+            self.modes["64-bit"] = self.modes.get("64-bit", 0) + n
+            add = self.stats.add_ve
+            for port, is_in, ves, calls in rows:
+                add(port, is_in, calls, ves)
+        if n or force:
+            self._plan.finish(self._fast.event)
+
+    def _fast_end(self) -> None:
+        if not self._fast_bound:
+            return
+        try:
+            self._fast_sync()
+        finally:
+            self._fast.unbind()
+            self._fast_bound = False
+            self._plan.release()
+
+    def _fast_callback(self, op: int, a: int, b: int, c: int, d: int) -> int:
+        """What the compiled hooks hand to Python (``tdxve._uc_fast_py`` UF_*); never raises."""
+        try:
+            if op == _UF_SLOW:
+                return self._fast_slow(a, b, c, bool(d))
+            if op == _UF_FLUSH:
+                self._plan.store()
+                return 0
+            if op == _UF_ABORT:
+                # A device raised (the bus's "raise" policy): as on the Python path,
+                # the access counts for its mode, then emulation stops and it is raised.
+                self.modes["64-bit"] = self.modes.get("64-bit", 0) + 1
+                exc = self._plan.pending
+                self._plan.pending = None
+                self._fast_sync(force=True)
+                self._fail(exc if exc is not None else EmbedError("the replay kernel stopped without an error"))
+                return 0
+            if op == _UF_BARRIER:
+                self._start_barrier({"rax": a, "rip": b}, None, None)
+                return 0
+            self._fail(EmbedError(
+                f"the compiled fast path produced an outcome it never commits (fault {a}, RIP + {b}, "
+                f"kernel returned {c}); please report this"))
+            return 0
+        except BaseException as exc:    # noqa: BLE001 - never into Unicorn
+            self._fail(exc)
+            return 0
+
+    def _fast_error(self, exc: BaseException) -> None:
+        self._fail(exc)
+
+    def _fast_slow(self, port: int, size: int, value: int, is_in: bool) -> int:
+        # Declined by the fast path (other modes, user mode, INS/OUTS, ...): the
+        # Python path, with the plan synced around it.
+        if self._draining:
+            return 0
+        bound = self._fast_bound
+        if bound:
+            self._fast_sync()
+        try:
+            return self._io(port, size, value, is_in)
+        except BaseException as exc:    # noqa: BLE001 - raised from emu_start
+            self._fail(exc)
+            return 0
+        finally:
+            if bound and self._fast_bound:
+                self._plan.load()
 
     # ------------------------------------------------------------ contexts
     def _new_context(self) -> Any:
@@ -790,7 +967,11 @@ class UnicornAttachment:
             while True:
                 err: BaseException | None = None
                 try:
-                    self._orig_emu_start(uc, begin, until, left, count)
+                    self._fast_begin()
+                    try:
+                        self._orig_emu_start(uc, begin, until, left, count)
+                    finally:
+                        self._fast_end()
                 except BaseException as exc:
                     err = exc
                 b = self._barrier
