@@ -43,6 +43,15 @@ How Unicorn's traps are handled (anchors 2.1, verified with unicorn 2.1.4):
   tdxve reads and writes them through a private CPU context whose mode tag
   is set to 64-bit after checking its header.
 
+**The fast path** (``attach(..., fast=True)``, the default, on UC_MODE_64
+instances): IN/OUT hooks written in Cython (:class:`tdxve._core.UcFastPath`)
+are registered with ``uc_hook_add`` and called by Unicorn directly, without
+ctypes or the GIL. In 64-bit kernel mode they run the round trip as one event
+of the replay kernel on a plan of the machine bound per ``emu_start``, with
+the same results and state as the path above; everything else (other modes,
+user mode, INS/OUTS, device errors, outcomes needing a barrier) is handed to
+this module's Python path with the plan synced around it.
+
 See ``docs/embedding.md`` for the whole design and its limits.
 """
 
