@@ -153,7 +153,7 @@ class UcFastPath:
         self._ptrs = (_vp * 8)(*[base + 8 * i for i in range(6)], ctypes.addressof(self._msr),
                                ctypes.addressof(self._gdtr))
         self._buf = ctypes.create_string_buffer(16)
-        self._fallback64 = fallback_mode == 64
+        self._fallback = fallback_mode
         self._handler = handler
         self._plan: Any = None
         self._hooks: list[int] = []
@@ -293,6 +293,7 @@ class UcFastPath:
     def _fast(self, port: int, size: int, is_in: int) -> int | None:
         """The access through the replay kernel; None = declined (nothing changed)."""
         from . import _core_py, _replay_py
+        from .embed.cpu import cpu_cpl, cpu_mode
 
         uc = self._uc
         if self._reg_read_batch(uc, self._ids, self._ptrs, 8):
@@ -301,21 +302,20 @@ class UcFastPath:
         cr0 &= _U32
         cs &= 0xFFFF
         fl &= _U32
-        # Mode and CPL exactly as tdxve.embed.cpu.cpu_mode / cpu_cpl (SDM Vol. 3A 5.2.1, 5.5).
+        # Mode and CPL as the Python path derives them (SDM Vol. 3A 5.2.1, 5.5); the
+        # compiled class inlines these rules.
         if not cr0 & 1 or fl & (1 << 17):
             return None                 # real / virtual-8086 mode: no #VE
-        if cs & 3 == 3:
+        if cpu_cpl(cr0=cr0, rflags=fl, cs_selector=cs) == 3:
             return None                 # user mode: the Python path raises VeFault
-        is64 = self._fallback64
+        desc = None
         idx = cs & ~7
         if not cs & 4 and idx != 0 and idx + 7 <= self._gdtr.limit:
             buf = self._buf
             if not self._vmem_read(uc, (self._gdtr.base + idx) & ((1 << 64) - 1), self._consts["prot_read"],
                                    buf, 8):
                 desc = int.from_bytes(buf.raw[:8], "little")
-                if desc >> 47 & 1 and desc >> 44 & 1 and desc >> 43 & 1:
-                    is64 = bool(self._msr.value >> 10 & 1 and desc >> 53 & 1)
-        if not is64:
+        if cpu_mode(cr0=cr0, efer=self._msr.value, rflags=fl, cs_descriptor=desc, fallback=self._fallback) != 64:
             return None                 # 16/32-bit code: the bus, no #VE (ref 2.1)
         buf = self._buf
         if self._vmem_read(uc, rip, self._consts["prot_read"], buf, 15):

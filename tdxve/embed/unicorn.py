@@ -71,6 +71,7 @@ from .._uc_fast_py import UF_ABORT as _UF_ABORT
 from .._uc_fast_py import UF_BARRIER as _UF_BARRIER
 from .._uc_fast_py import UF_FLUSH as _UF_FLUSH
 from .._uc_fast_py import UF_SLOW as _UF_SLOW
+from .._uc_fast_py import _Mmr, _Msr
 from ..errors import AttachError, EmbedError, GuestFault, TdxveError
 from ..regs import GPR_NAMES, Regs
 from .cpu import (
@@ -135,17 +136,6 @@ def _import_unicorn() -> tuple[ModuleType, ModuleType, ModuleType]:
         raise ImportError(
             f"tdxve.embed.unicorn needs Unicorn 2.1 (pip install 'tdxve[unicorn]'): {exc}") from exc
     return unicorn, x86_const, binding
-
-
-class _Msr(ctypes.Structure):
-    # unicorn/x86.h uc_x86_msr
-    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
-
-
-class _Mmr(ctypes.Structure):
-    # unicorn/x86.h uc_x86_mmr
-    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64),
-                ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class _Lib:
