@@ -252,3 +252,24 @@ def test_fast_path_class_rejects_bad_arguments() -> None:
         core.UcFastPath(1, api, consts, object())
     with pytest.raises(TdxveError, match="fallback_mode"):
         core.UcFastPath(1, api, consts, Handler(), fallback_mode=8)
+
+
+def test_detach_from_a_user_hook_during_emulation_keeps_every_count() -> None:
+    m = Machine()
+    code = _loop(100)
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(BASE, code)
+    att = attach(uc, m)
+    seen = {"n": 0}
+
+    def on_code(uc: Any, addr: int, size: int, ud: Any) -> None:
+        seen["n"] += 1
+        if seen["n"] == 150 and att.attached:          # inside the loop, after ~50 OUTs
+            att.detach()
+
+    uc.hook_add(unicorn.UC_HOOK_CODE, on_code)
+    uc.emu_start(BASE, BASE + len(code))
+    served = len(m.host.post.codes)
+    assert 0 < served < 100
+    assert att.stats.ports()[(0x80, False)].ves == served == m.tdx.ve_injected

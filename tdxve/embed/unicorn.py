@@ -467,6 +467,7 @@ class UnicornAttachment:
             uc.hook_del(h)
         self._hooks = []
         if self._fast is not None:
+            self._fast_end()        # detached from a hook of the user's during emulation: sync first
             self._fast.remove()
             self._fast = None
         for name in ("emu_start", "emu_stop"):
